@@ -1,0 +1,1 @@
+"""One module per ``beit3cap`` sub-command, each exposing ``main(argv: list[str]) -> int``."""

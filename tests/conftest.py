@@ -1,0 +1,41 @@
+"""Shared fixtures, built once per test run: a sentencepiece model trained on generated captions,
+its tokenizer, and tiny model names."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from beit3cap.tokenizer import load_tokenizer, train_sentencepiece
+
+COLOURS = ["red", "green", "blue", "yellow", "white", "black", "purple", "orange"]
+SHAPES = ["circle", "square", "triangle", "star", "ring", "cross"]
+PLACES = ["on the left", "on the right", "at the top", "at the bottom", "in the middle"]
+
+
+def caption_corpus(n: int = 600, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        k = rng.randint(1, 3)
+        size = rng.choice(["small", "large", "big", "tiny"])
+        out.append(f"{'A' if k == 1 else k} {size} {rng.choice(COLOURS)} {rng.choice(SHAPES)}"
+                   f"{'' if k == 1 else 's'} {rng.choice(PLACES)} of the picture.")
+    return out
+
+
+@pytest.fixture(scope="session")
+def spm_path(tmp_path_factory):
+    return train_sentencepiece(caption_corpus(), tmp_path_factory.mktemp("spm") / "test.spm", vocab_size=120)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(spm_path):
+    return load_tokenizer(spm_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_vocab(tokenizer) -> int:
+    """Model vocabulary rows for the test tokenizer (ids up to and including <mask>, plus dead rows)."""
+    return tokenizer.vocab_size + 3
