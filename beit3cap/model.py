@@ -299,7 +299,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: BEiT3Config) -> None:
         super().__init__()
         self.embed_positions = PositionTables(cfg)
-        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()
         self.layers = nn.ModuleList(EncoderLayer(cfg, r) for r in rates)
         self.layer_norm = Multiway(nn.LayerNorm, cfg.embed_dim, eps=cfg.layernorm_eps)
         self.grad_checkpointing = False
