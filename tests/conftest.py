@@ -39,3 +39,16 @@ def tokenizer(spm_path):
 def tiny_vocab(tokenizer) -> int:
     """Model vocabulary rows for the test tokenizer (ids up to and including <mask>, plus dead rows)."""
     return tokenizer.vocab_size + 3
+
+
+@pytest.fixture(scope="session")
+def coco_tree(tmp_path_factory, tokenizer):
+    """A generated COCO Karpathy tree (32 px JPEGs; 24 train+restval / 8 val / 8 test images, 5 captions
+    each, seed 0) with ``coco_captioning.{train,val,test}.jsonl`` and ``coco_karpathy_{val,test}_gt.json``
+    already built with the ``tokenizer`` fixture. Treat it as read-only: it is shared by the session."""
+    from beit3cap.data.index import make_coco_captioning_index
+    from beit3cap.data.synth import make_coco_tree
+
+    root = make_coco_tree(tmp_path_factory.mktemp("coco_tree"), n_train=24, n_val=8, n_test=8, image_size=32, seed=0)
+    make_coco_captioning_index(root, tokenizer)
+    return root
