@@ -48,10 +48,12 @@ class IndexSummary:
     skipped: list[str] = field(default_factory=list)  # one message per item left out
 
     def __str__(self) -> str:
-        lines = [f"wrote {path}: {rows} rows" for path, rows in self.files.items()]
+        lines = [f"wrote {path}: {n} {'rows' if path.endswith('.jsonl') else 'images'}"
+                 for path, n in self.files.items()]
         lines.append("images: " + ", ".join(f"{s} {n}" for s, n in self.images.items()))
-        lines.append(f"training captions: {self.captions}, longer than {self.text_limit} pieces "
-                     f"(truncated when training): {self.truncated}")
+        if self.captions:
+            lines.append(f"training captions: {self.captions}, longer than {self.text_limit} pieces "
+                         f"(truncated when training): {self.truncated}")
         lines.append(f"missing images: {self.missing_images}; items skipped: {len(self.skipped)}")
         return "\n".join(lines)
 
@@ -158,7 +160,7 @@ def _image_problem(file: Path, check_images: bool) -> str | None:
 
 
 def _check_items(items: list[_Item], root: Path, problems: _Problems, summary: IndexSummary,
-                 check_images: bool, need_captions: bool) -> list[_Item]:
+                 check_images: bool, need_captions: bool, source: Path) -> list[_Item]:
     kept = []
     for item in items:
         bad = _image_problem(root / item.image_path, check_images)
@@ -176,6 +178,9 @@ def _check_items(items: list[_Item], root: Path, problems: _Problems, summary: I
             problems(f"{item.where}: no caption for image {item.image_path}")
             continue
         kept.append(_Item(item.image_path, item.image_id, captions, item.where))
+    if items and not kept:
+        raise DataError(f"{source}: none of its {len(items)} images could be used "
+                        f"(see the warnings above)")
     return kept
 
 
@@ -220,7 +225,6 @@ def _emit(out_dir: Path, index_name: str, split: str, items: list[_Item], tokeni
         gt = write_gt(out_dir / gt_name, {it.image_id: it.captions for it in items},
                       {it.image_id: it.image_path for it in items})
         summary.files[str(gt)] = len(items)
-    log.info("wrote %s (%d rows)", path, counter["rows"])
 
 
 def _unique_ids(items: list[_Item], problems: _Problems, seen: dict[int, str]) -> list[_Item]:
@@ -263,7 +267,7 @@ def make_coco_captioning_index(data_path: str | os.PathLike, tokenizer: Any, *, 
         splits[split].append(item)
     seen: dict[int, str] = {}
     for split, items in splits.items():
-        items = _check_items(_unique_ids(items, problems, seen), root, problems, summary, check_images, True)
+        items = _check_items(_unique_ids(items, problems, seen), root, problems, summary, check_images, True, src)
         _emit(root, f"coco_captioning.{split}.jsonl", split, items, tokenizer if split == "train" else None,
               summary, problems, None if split == "train" else f"coco_karpathy_{split}_gt.json")
     return summary
@@ -300,10 +304,11 @@ def make_nocaps_captioning_index(data_path: str | os.PathLike, *, check_images: 
             problems(f"{val_src}: annotations[{k}]: no image with id {ann.get('image_id') if isinstance(ann, dict) else ann!r}")
             continue
         refs[ann["image_id"]].append(ann.get("caption"))
-    val = _check_items(_unique_ids(val, problems, {}), root, problems, summary, check_images, True)
+    val = _check_items(_unique_ids(val, problems, {}), root, problems, summary, check_images, True, val_src)
     _emit(root, "nocaps.val.jsonl", "val", val, None, summary, problems, "nocaps_val_gt.json")
-    test = _nocaps_images(root / "nocaps_test_image_info.json", "test", problems)
-    test = _check_items(_unique_ids(test, problems, {}), root, problems, summary, check_images, False)
+    test_src = root / "nocaps_test_image_info.json"
+    test = _nocaps_images(test_src, "test", problems)
+    test = _check_items(_unique_ids(test, problems, {}), root, problems, summary, check_images, False, test_src)
     _emit(root, "nocaps.test.jsonl", "test", test, None, summary, problems)
     return summary
 
@@ -360,7 +365,7 @@ def make_wts_index(data_path: str | os.PathLike, tokenizer: Any, image_dir: str 
         raise DataError(f"{src}: none of the {len(missing)} images it names exist in {image_dir} "
                         f"(looked for <type><video stem>phase<label> with {', '.join(IMAGE_EXTENSIONS)}, type={type!r})")
     train = split_name == "train"
-    items = _check_items(list(by_path.values()), out, problems, summary, check_images, True)
+    items = _check_items(list(by_path.values()), out, problems, summary, check_images, True, src)
     _emit(out, f"coco_captioning.{split_name}.jsonl", split_name, items, tokenizer if train else None,
           summary, problems, None if train else f"coco_karpathy_{split_name}_gt.json")
     return summary
@@ -412,7 +417,7 @@ def make_custom_index(annotations: str | os.PathLike, tokenizer: Any, *, image_d
     ids: dict[int, str] = {}
     for where, row in _custom_rows(src, problems):
         image, caption = row.get("image"), row.get("caption")
-        split = (row.get("split") or "").strip()
+        split = str(row.get("split") or "").strip()
         if not isinstance(image, str) or not image.strip() or caption is None:
             problems(f"{where}: needs \"image\" and \"caption\" (got keys {sorted(row)})")
             continue
@@ -460,7 +465,8 @@ def make_custom_index(annotations: str | os.PathLike, tokenizer: Any, *, image_d
     splits["test"] += unassigned[n_val:n_val + n_test]
     splits["train"] += unassigned[n_val + n_test:]
     for split, items in splits.items():
-        items = _check_items(sorted(items, key=lambda it: it.image_id), root, problems, summary, check_images, True)
+        items = _check_items(sorted(items, key=lambda it: it.image_id), root, problems, summary, check_images,
+                             True, src)
         _emit(root, f"coco_captioning.{split}.jsonl", split, items, tokenizer if split == "train" else None,
               summary, problems, None if split == "train" else f"coco_karpathy_{split}_gt.json")
     return summary
