@@ -18,16 +18,18 @@ import json
 import os
 import random
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from ..model import BOS_ID, EOS_ID, PAD_ID
 from .transforms import ImageLoadError, load_rgb_image
 
+Transform = Callable[[Image.Image], torch.Tensor]
 MASK_KEEP_PROB = 0.1  # of the chosen positions: 80 % -> <mask>, 10 % unchanged, 10 % random id
 MASK_RANDOM_PROB = 0.1
 
@@ -137,7 +139,7 @@ class CaptioningTrainDataset(Dataset):
     instead of copying them page by page through reference counting.
     """
 
-    def __init__(self, data_path: str | os.PathLike, index_files: Sequence[str | os.PathLike], transform,
+    def __init__(self, data_path: str | os.PathLike, index_files: Sequence[str | os.PathLike], transform: Transform,
                  num_max_bpe_tokens: int, mask_prob: float, mask_token_id: int, vocab_size: int,
                  seed: int = 0) -> None:
         if isinstance(index_files, (str, os.PathLike)):
@@ -244,7 +246,7 @@ class CaptioningEvalDataset(Dataset):
     captions for scoring come from the ground-truth files written next to the index.
     """
 
-    def __init__(self, data_path: str | os.PathLike, index_file: str | os.PathLike, transform) -> None:
+    def __init__(self, data_path: str | os.PathLike, index_file: str | os.PathLike, transform: Transform) -> None:
         self.data_path = Path(data_path)
         self.index_file = _resolve(self.data_path, index_file)
         self.transform = transform
