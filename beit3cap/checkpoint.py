@@ -22,6 +22,7 @@ import pickle
 import re
 import shutil
 import tempfile
+import urllib.parse
 import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -65,7 +66,10 @@ class CheckpointMismatchError(CheckpointError):
 
 
 def load_checkpoint_file(path: str | os.PathLike) -> Any:
-    """The object stored in a checkpoint file or directory, with every tensor on the CPU."""
+    """The object stored in a checkpoint file or directory, with every tensor on the CPU. An http(s)
+    URL is downloaded once into torch's hub cache (``$TORCH_HOME/hub/checkpoints``), as officially."""
+    if str(path).startswith(("https://", "http://")):
+        path = _download(str(path))
     path = Path(path)
     if not path.exists():
         near = [p.name for p in (path.with_name(path.name + s) for s in (".pth", ".pt", ".bin")) if p.exists()]
@@ -74,6 +78,14 @@ def load_checkpoint_file(path: str | os.PathLike) -> Any:
     if path.is_dir():
         return _load_directory(path)
     return _load_file(path, str(path), allow_wrapped=True)
+
+
+def _download(url: str) -> Path:
+    target = Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlparse(url).path).name
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(target), progress=True)  # via a temp file, then renamed
+    return target
 
 
 def _load_file(path: Path, shown: str, allow_wrapped: bool) -> Any:
@@ -117,11 +129,9 @@ def _describe(head: bytes) -> str:
             return what
     if head.lstrip().lower().startswith((b"<!doctype html", b"<html")):
         return "an HTML page (the download saved an error or login page)"
-    try:
-        head.decode("utf-8")
+    if all(b >= 32 or b in b"\t\n\r" for b in head):  # no control bytes: text in any ASCII-based encoding
         return "a text file"
-    except UnicodeDecodeError:
-        return "unknown binary data"
+    return "unknown binary data"
 
 
 def _zip_names(path: Path, shown: str) -> list[str]:
@@ -164,7 +174,8 @@ def _load_directory(path: Path) -> Any:
         return _load_unpacked_archive(roots[0], str(path))
     entries = sorted(p.name for p in path.iterdir())[:8]
     raise CheckpointError(f"{path} is a directory but not a checkpoint: expected {DEEPSPEED_MODEL_FILE} "
-                          f"(DeepSpeed), a 'latest' file, or an unpacked torch archive (data.pkl); found {entries}")
+                          "(DeepSpeed), a 'latest' file, or an unpacked torch archive (data.pkl); "
+                          f"found {entries}")
 
 
 def _load_unpacked_archive(root: Path, shown: str) -> Any:
@@ -194,9 +205,10 @@ def _torch_load(path: Path, shown: str) -> Any:
                 "plain data (dicts of tensors) in a trusted environment.") from e
         raise CheckpointError(f"{shown}: not a readable checkpoint ({_unpickler_detail(e)}); the file is corrupt, "
                               "truncated or not a PyTorch file") from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        what = "truncated (ends too early)" if isinstance(e, EOFError) else f"unreadable ({e})"
-        raise CheckpointError(f"{shown}: {what}; the download or copy is probably incomplete or corrupt") from e
+    except EOFError as e:
+        raise CheckpointError(f"{shown}: truncated (ends too early); the download or copy is incomplete") from e
+    except (RuntimeError, OSError, ValueError) as e:
+        raise CheckpointError(f"{shown}: cannot be read: {e}") from e
 
 
 def _unpickler_detail(error: Exception) -> str:
@@ -220,7 +232,8 @@ def _refused_global(message: str) -> str | None:
 # State dicts
 
 
-def extract_state_dict(obj: Any, model_key: str = "model|module", model_prefix: str = "") -> dict[str, torch.Tensor]:
+def extract_state_dict(obj: Any, model_key: str = "model|module",
+                       model_prefix: str = "") -> dict[str, torch.Tensor]:
     """The weights inside a loaded checkpoint: the first of ``model_key`` ('|'-separated) present, else
     the object itself if it is a dict of tensors; keys must start with ``model_prefix`` (stripped); a
     wrapper prefix (``module.``, ``_orig_mod.``) shared by every key is stripped."""
@@ -248,7 +261,8 @@ def _extract(obj: Any, model_key: str, model_prefix: str, shown: str) -> tuple[d
         sd = {k[len(model_prefix):]: v for k, v in sd.items() if k.startswith(model_prefix)}
         notes.append(f"kept keys under model_prefix {model_prefix!r}")
     if not sd:
-        raise CheckpointError(f"{shown}: no weights found (model_key {model_key!r}, model_prefix {model_prefix!r})")
+        raise CheckpointError(f"{shown}: no weights found (model_key {model_key!r}, "
+                              f"model_prefix {model_prefix!r})")
     stripped = True
     while stripped:
         stripped = False
@@ -349,16 +363,16 @@ class KeyReport:
 
 def load_pretrained(model: nn.Module, path_or_state_dict: str | os.PathLike | Mapping[str, Any],
                     model_key: str = "model|module", model_prefix: str = "", strict: bool = False,
-                    verbose: bool = True) -> KeyReport:
+                    verbose: bool = True, source: str | None = None) -> KeyReport:
     """Load the matching weights of a checkpoint file (or an already loaded checkpoint / state dict)
     into ``model``, like the official ``load_model_and_may_interpolate``: position table A is resized to
     the model's grid, tensors are cast to the model's dtypes, missing and unused keys are reported (and
     with ``strict`` refused). Weights of another size, depth or vocabulary raise CheckpointMismatchError
-    before anything is loaded."""
+    before anything is loaded. ``source`` names an already loaded object in messages (e.g. its path)."""
     if isinstance(path_or_state_dict, Mapping):
-        obj, shown = path_or_state_dict, "the given state dict"
+        obj, shown = path_or_state_dict, source or "the given state dict"
     else:
-        obj, shown = load_checkpoint_file(path_or_state_dict), str(path_or_state_dict)
+        obj, shown = load_checkpoint_file(path_or_state_dict), source or str(path_or_state_dict)
     report = _load_into(model, obj, shown, model_key, model_prefix, strict)
     if verbose:
         print(report)
@@ -492,8 +506,9 @@ def _check_plain(obj: Any, where: str) -> None:
             _check_plain(v, f"{where}[{i}]")
     else:
         raise TypeError(f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}: checkpoints hold plain "
-                        "data only (tensors, numbers, strings, lists, dicts), so that torch.load(weights_only=True) "
-                        "reads them; convert it first (e.g. vars(namespace), str(path), array.tolist())")
+                        "data only (tensors, numbers, strings, lists, dicts), so that "
+                        "torch.load(weights_only=True) reads them; convert it first (e.g. vars(namespace), "
+                        "str(path), array.tolist())")
 
 
 def save_checkpoint(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path:

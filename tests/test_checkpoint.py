@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import http.server
 import os
 import pickle
 import random
 import subprocess
 import sys
+import threading
 import zipfile
 from pathlib import Path
 
@@ -175,10 +178,11 @@ def test_unpacked_torch_archive_directory(tmp_path):
     src = tiny()
     torch.save({"model": src.state_dict()}, tmp_path / "beit3.pth")
     with zipfile.ZipFile(tmp_path / "beit3.pth") as zf:
-        zf.extractall(tmp_path / "beit3_base_patch16_224")
-    dst = tiny()
-    load_pretrained(dst, tmp_path / "beit3_base_patch16_224", verbose=False)
-    assert_weights_equal(dst, src.state_dict())
+        zf.extractall(tmp_path / "beit3_base_patch16_224")  # holds beit3/data.pkl, beit3/data/0, ...
+    for folder in (tmp_path / "beit3_base_patch16_224", tmp_path / "beit3_base_patch16_224" / "beit3"):
+        dst = tiny()
+        load_pretrained(dst, folder, verbose=False)
+        assert_weights_equal(dst, src.state_dict())
 
 
 def test_real_zip_archive_wrapping_one_checkpoint(tmp_path):
@@ -196,6 +200,26 @@ def test_real_zip_archive_wrapping_one_checkpoint(tmp_path):
         zf.write(tmp_path / "inner.pth", "b.pth")
     with pytest.raises(CheckpointError, match=r"two\.zip.*2 files"):
         load_checkpoint_file(tmp_path / "two.zip")
+
+
+def test_https_style_url_is_downloaded_once_into_the_hub_cache(tmp_path, monkeypatch):
+    src = tiny()
+    (tmp_path / "site").mkdir()
+    torch.save({"model": src.state_dict()}, tmp_path / "site" / "beit3_tiny.pth")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "site"))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/beit3_tiny.pth"
+        dst = tiny()
+        load_pretrained(dst, url, verbose=False)
+    finally:
+        server.shutdown()
+    assert_weights_equal(dst, src.state_dict())
+    assert (tmp_path / "torch" / "hub" / "checkpoints" / "beit3_tiny.pth").is_file()
+    load_pretrained(tiny(), url, verbose=False)  # the server is gone: the cached copy is used
 
 
 def test_legacy_torch_format(tmp_path):
@@ -403,7 +427,8 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     obj = load_checkpoint_file(path)
     assert obj["epoch"] == 1
     dst = tiny()
-    load_pretrained(dst, obj, strict=True, verbose=False)
+    report = load_pretrained(dst, obj, strict=True, verbose=False, source=str(path))
+    assert report.source == str(path)
     assert_weights_equal(dst, old.state_dict())
 
 
