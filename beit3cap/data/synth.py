@@ -47,7 +47,7 @@ _TEMPLATES = (
     "there {be} {count} {size} {colour} {shape} {where} of the image",
     "a {bg} picture with {count} {size} {colour} {shape} {where}",
     "{count} {colour} {shape} of {size} size {where}",
-    "an image of {count} {size} {colour} {shape} {where} against a {bg} background",
+    "a {bg} image showing {count} {size} {colour} {shape} {where}",
 )
 _SUPERSAMPLE = 4  # draw large, then downscale: clean edges even at 32 px
 
@@ -206,7 +206,8 @@ def make_nocaps_tree(root: str | os.PathLike, *, n_val: int = 50, n_test: int = 
             images.append({"id": image_id, "file_name": f"{open_images_id}.jpg", "open_images_id": open_images_id,
                            "height": image_size, "width": image_size, "domain": domains[i % 3]})
             if split == "val":
-                annotations += [{"image_id": image_id, "id": len(annotations), "caption": c} for c in captions]
+                annotations += [{"image_id": image_id, "id": len(annotations) + k, "caption": c}
+                                for k, c in enumerate(captions)]
     info = {"description": "beit3cap generated NoCaps-style data"}
     atomic_write_json(root / "nocaps_val_4500_captions.json",
                       {"licenses": [], "info": info, "images": val_images, "annotations": annotations})
