@@ -166,7 +166,10 @@ def _load_wrapped(path: Path, shown: str) -> Any:
 
 def _load_directory(path: Path) -> Any:
     if not (path / DEEPSPEED_MODEL_FILE).is_file() and (path / "latest").is_file():
-        path = path / (path / "latest").read_text().strip()  # a DeepSpeed output_dir: follow its tag
+        tag = (path / "latest").read_text().strip()  # a DeepSpeed output_dir: follow its tag
+        if not (path / tag).is_dir():
+            raise CheckpointError(f"{path / 'latest'} names the tag {tag!r}, but {path / tag} does not exist")
+        path = path / tag
     if (path / DEEPSPEED_MODEL_FILE).is_file():
         return _load_file(path / DEEPSPEED_MODEL_FILE, str(path / DEEPSPEED_MODEL_FILE), allow_wrapped=False)
     roots = [d for d in (path, *sorted(p for p in path.iterdir() if p.is_dir())) if (d / "data.pkl").is_file()]

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,7 +24,7 @@ from beit3cap.checkpoint import (
     extract_state_dict, load_checkpoint_file, load_pretrained, model_from_checkpoint, save_checkpoint,
     save_weights_safetensors,
 )
-from beit3cap.model import MODEL_CONFIGS, create_model
+from beit3cap.model import MODEL_CONFIGS, create_model, get_config
 
 VOCAB = 100
 
@@ -167,10 +166,12 @@ def test_deepspeed_checkpoint_directory(tmp_path):
     for path in (tag, tmp_path / "out"):  # the tag directory, or the output_dir with its 'latest' file
         assert load_checkpoint_file(path)["args"].lr == 4e-5
         model, report = model_from_checkpoint(path)
-        assert model.config == MODEL_CONFIGS["beit3_tiny_patch16_32"].__class__(
-            **{**MODEL_CONFIGS["beit3_tiny_patch16_32"].__dict__, "vocab_size": VOCAB})
+        assert model.config == get_config("beit3_tiny_patch16_32", vocab_size=VOCAB)
         assert report.notes[0] == "weights under 'module'" and not report.missing and not report.unexpected
         assert_weights_equal(model, state["module"])
+    (tmp_path / "out" / "latest").write_text("checkpoint-9")
+    with pytest.raises(CheckpointError, match="names the tag 'checkpoint-9'"):
+        load_checkpoint_file(tmp_path / "out")
 
 
 def test_unpacked_torch_archive_directory(tmp_path):
