@@ -449,3 +449,10 @@ def test_read_index_names_bad_line(tmp_path):
                     '{"image_path": "b.jpg", "text_segment": "text", "image_id": 2}\n')
     with pytest.raises(DataError, match=r"x\.jsonl:2: expected"):
         read_index(path)
+
+
+def test_csv_header_must_name_image_and_caption(tmp_path, tokenizer):
+    table = tmp_path / "t.csv"
+    table.write_text("file_name,text\na.jpg,a red circle\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"t\.csv:1: the CSV header needs the columns image and caption"):
+        make_custom_index(table, tokenizer)

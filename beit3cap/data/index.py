@@ -379,6 +379,9 @@ def _custom_rows(path: Path, problems: _Problems) -> Iterator[tuple[str, dict]]:
     if path.suffix.lower() == ".csv":
         numbers = [n for n, _ in lines]
         reader = csv.DictReader([text for _, text in lines])
+        if reader.fieldnames is not None and not {"image", "caption"} <= set(reader.fieldnames):
+            raise DataError(f"{path}:{numbers[0]}: the CSV header needs the columns image and caption "
+                            f"(found {reader.fieldnames})")
         for row in reader:
             yield f"{path}:{numbers[reader.line_num - 1]}", row
         return
