@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 METRICS = ("Bleu", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
 NATIVE_METRICS = ("Bleu", "ROUGE_L", "CIDEr")
 BLEU_KEYS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4")
+_warned: set[str] = set()
 
 
 @dataclass
@@ -116,7 +117,9 @@ def evaluate_captions(gts: Mapping[Hashable, Sequence[str]], res: Mapping[Hashab
         reason = java.spice_unavailable_reason()
         if reason:
             notes["SPICE"] = reason
-            log.warning("SPICE not computed: %s", reason)
+            if reason not in _warned:  # once per process, not at every validation
+                _warned.add(reason)
+                log.warning("SPICE not computed: %s", reason)
 
     # METEOR's JVM and paraphrase table load while we tokenize and compute the native metrics.
     meteor = java.Meteor() if "METEOR" in wanted else None
@@ -132,7 +135,8 @@ def evaluate_captions(gts: Mapping[Hashable, Sequence[str]], res: Mapping[Hashab
             spice_job: Future | None = None
             if "SPICE" in wanted and "SPICE" not in notes:
                 spice_job = pool.submit(java.spice, hyps, refs)
-            native = native_scores(hyps, refs, [m for m in wanted if m in NATIVE_METRICS])
+            native_wanted = [m for m in wanted if m in NATIVE_METRICS]
+            native = native_scores(hyps, refs, native_wanted) if native_wanted else {}
             meteor_result = meteor_job.result() if meteor_job else None
             try:
                 spice_result = spice_job.result() if spice_job else None
