@@ -65,10 +65,13 @@ def decode(tokenizer: XLMRobertaTokenizer, ids: Sequence[int]) -> str:
     return tokenizer.convert_tokens_to_string(tokenizer.convert_ids_to_tokens(kept))
 
 
-def train_sentencepiece(texts: Iterable[str], output: str | os.PathLike, vocab_size: int = 1000) -> Path:
-    """Train a unigram sentencepiece model on captions and write it to ``output`` (e.g. ``my.spm``).
+def train_sentencepiece(texts: Iterable[str], output: str | os.PathLike, vocab_size: int = 1000,
+                        model_type: str = "bpe") -> Path:
+    """Train a sentencepiece model on captions and write it to ``output`` (e.g. ``my.spm``).
 
-    The vocabulary size is a ceiling (``hard_vocab_limit=False``) so tiny corpora still train.
+    The vocabulary size is a ceiling (``hard_vocab_limit=False``) so tiny corpora still train. BPE is the
+    default because on a few hundred captions a unigram model stops far below the requested size and
+    splits ordinary words into letters, which lengthens captions 2x.
     """
     import sentencepiece as spm
 
@@ -80,7 +83,7 @@ def train_sentencepiece(texts: Iterable[str], output: str | os.PathLike, vocab_s
     prefix = out.with_suffix("")
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_prefix=str(prefix), vocab_size=vocab_size,
-        hard_vocab_limit=False, model_type="unigram", character_coverage=1.0,
+        hard_vocab_limit=False, model_type=model_type, character_coverage=1.0,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
     )
     produced = prefix.with_suffix(".model")

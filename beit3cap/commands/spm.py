@@ -15,6 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="caption files: .txt (one per line), .jsonl/.csv with a 'caption' column, "
                              "dataset_coco.json, a COCO annotation file or a WTS caption JSON")
     parser.add_argument("--output", required=True, help="model file to write, e.g. beit3.spm")
+    parser.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"],
+                        help="sentencepiece algorithm (default bpe: whole words on small caption sets)")
     parser.add_argument("--vocab-size", type=int, default=1000,
                         help="upper bound on sentencepiece pieces (default %(default)s)")
     return parser
@@ -31,7 +33,7 @@ def main(argv: list[str]) -> int:
             print(f"beit3cap spm: error: {path}: cannot read captions ({kind}: {e})", file=sys.stderr)
             return 1
     try:
-        out = train_sentencepiece(texts, args.output, vocab_size=args.vocab_size)
+        out = train_sentencepiece(texts, args.output, vocab_size=args.vocab_size, model_type=args.model_type)
     except ValueError as e:
         print(f"beit3cap spm: error: {e}", file=sys.stderr)
         return 1

@@ -1,0 +1,147 @@
+"""Forward+backward time and peak memory of the captioning model vs the torchscale-based reference.
+
+Same CPU, same random weights, base-224, batch 2, 32 text tokens (70 % masked), fp32 and bf16 autocast;
+plus one base-480 forward. Every variant runs in its own process so peak RSS is its own.
+
+    .venv/bin/python benchmarks/train_step.py [--model beit3_base_patch16_224] [--repeats 5]
+
+Prints a table and appends a section to BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import append_section, machine_summary  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _build(impl: str, name: str):
+    from beit3cap.model import create_model
+    torch.manual_seed(0)
+    ours = create_model(name)
+    if impl == "ours":
+        return ours
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_model import OfficialCaptioning  # the spec-built wrapper around torchscale's BEiT3
+    ref = OfficialCaptioning(ours.config)
+    ref.load_state_dict(ours.state_dict())
+    return ref
+
+
+def _inputs(cfg, batch: int, text_len: int):
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn(batch, 3, cfg.img_size, cfg.img_size, generator=g)
+    ids = torch.randint(4, 64000, (batch, text_len), generator=g)
+    ids[:, 0] = 0
+    padding = torch.zeros(batch, text_len, dtype=torch.long)
+    masked = (torch.rand(batch, text_len, generator=g) < 0.7).long()
+    masked[:, 0] = 0
+    return image, ids, padding, masked
+
+
+def worker(impl: str, name: str, mode: str, precision: str, batch: int, text_len: int, repeats: int) -> dict:
+    torch.set_num_threads(torch.get_num_threads())
+    model = _build(impl, name)
+    cfg = model.config if impl == "ours" else _build("ours", name).config
+    image, ids, padding, masked = _inputs(cfg, batch, text_len)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    model.train(mode == "fwd_bwd")
+
+    def step():
+        if mode == "fwd_bwd":
+            model.zero_grad(set_to_none=True)
+            with autocast:
+                logits = model(image, ids, padding, masked)
+            torch.nn.functional.cross_entropy(logits.float(), ids[masked.bool()]).backward()
+        else:
+            with torch.no_grad(), autocast:
+                model(image, ids, padding, masked)
+
+    step()  # warm-up (allocator, kernels)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return {"median_s": sorted(times)[len(times) // 2], "min_s": min(times),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def count_flops(name: str, mode: str, batch: int, text_len: int) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+    model = _build("ours", name).train()
+    image, ids, padding, masked = _inputs(model.config, batch, text_len)
+    with FlopCounterMode(display=False) as counter:
+        logits = model(image, ids, padding, masked)
+        if mode == "fwd_bwd":
+            logits.float().logsumexp(-1).sum().backward()
+    return counter.get_total_flops()
+
+
+def run(impl: str, name: str, mode: str, precision: str, batch: int, text_len: int, repeats: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", impl, "--model", name, "--mode", mode, "--precision", precision,
+           "--batch", str(batch), "--text_len", str(text_len), "--repeats", str(repeats)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="beit3_base_patch16_224")
+    p.add_argument("--model_480", default="beit3_base_patch16_480")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--text_len", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--worker", choices=["ours", "reference"])
+    p.add_argument("--mode", default="fwd_bwd", choices=["fwd_bwd", "fwd"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--no_write", action="store_true", help="print only, do not append to BENCHMARKS.md")
+    a = p.parse_args()
+    if a.worker:
+        print(json.dumps(worker(a.worker, a.model, a.mode, a.precision, a.batch, a.text_len, a.repeats)))
+        return
+
+    cases = [(a.model, "fwd_bwd", "fp32"), (a.model, "fwd_bwd", "bf16"), (a.model_480, "fwd", "fp32")]
+    rows = []
+    for name, mode, precision in cases:
+        flops = count_flops(name, mode, a.batch, a.text_len)
+        res = {impl: run(impl, name, mode, precision, a.batch, a.text_len, a.repeats)
+               for impl in ("reference", "ours")}
+        ref, ours = res["reference"], res["ours"]
+        rows.append({
+            "case": f"{name} {mode} {precision}", "gflop": flops / 1e9,
+            "ref_s": ref["median_s"], "ours_s": ours["median_s"], "speedup": ref["median_s"] / ours["median_s"],
+            "ref_gflops": flops / 1e9 / ref["median_s"], "ours_gflops": flops / 1e9 / ours["median_s"],
+            "ref_mb": ref["peak_rss_mb"], "ours_mb": ours["peak_rss_mb"],
+        })
+        print(rows[-1], flush=True)
+
+    header = ("| case | GFLOP | reference s | ours s | speed-up | reference GFLOP/s | ours GFLOP/s "
+              "| reference peak RSS MB | ours peak RSS MB |\n|---|---|---|---|---|---|---|---|---|")
+    lines = [header] + [
+        f"| {r['case']} | {r['gflop']:.1f} | {r['ref_s']:.3f} | {r['ours_s']:.3f} | **{r['speedup']:.2f}x** | "
+        f"{r['ref_gflops']:.1f} | {r['ours_gflops']:.1f} | {r['ref_mb']:.0f} | {r['ours_mb']:.0f} |" for r in rows]
+    table = "\n".join(lines)
+    print(table)
+    if not a.no_write:
+        body = (f"{machine_summary()}\n\nCommand: `.venv/bin/python benchmarks/train_step.py --repeats {a.repeats}` "
+                f"(batch {a.batch}, {a.text_len} text tokens, ~70 % masked; median of {a.repeats} steps after one "
+                "warm-up; each variant in its own process; reference = torchscale 0.3.0 `BEiT3` + the spec's "
+                "captioning head and joint prefix-LM mask, same weights).\n\n"
+                "Targets: fp32 >= 1.3x the reference with no more memory; bf16 >= 2x.\n\n" + table)
+        append_section("Training step (model forward+backward)", body)
+
+
+if __name__ == "__main__":
+    main()
