@@ -83,12 +83,25 @@ def test_native_scores_equal_pycocoevalcap(seed, n_images, common_word):
     assert_same_scores(ours, reference_scores(gts, res))
 
 
-def test_native_scores_with_empty_hypotheses_and_shared_words():
-    gts = {1: ["a dog", "a cat on a mat"], 2: ["a"], 3: ["", "x y z"]}
-    res = {1: "", 2: "", 3: "a a a"}
+@pytest.mark.parametrize("gts,res", [
+    ({1: ["a dog", "a cat on a mat"], 2: ["a"], 3: ["", "x y z"]}, {1: "", 2: "", 3: "a a a"}),
+    ({1: ["a b"], 2: ["a b"]}, {1: "a b", 2: "a b"}),  # every gram in every image: idf 0 everywhere
+    ({1: ["x"], 2: ["", " "]}, {1: " ", 2: ""}),
+])
+def test_native_scores_on_degenerate_captions(gts, res):
     ids = list(gts)
     ours = native_scores([res[i] for i in ids], [gts[i] for i in ids])
     assert_same_scores(ours, reference_scores(gts, res))
+
+
+def test_native_scores_without_any_reference_word():
+    # pycocoevalcap's CIDEr-D crashes here (max() of no document frequencies); ours scores 0.
+    gts, res = {1: ["", " "], 2: [""]}, {1: "", 2: "a"}
+    ours = native_scores([res[i] for i in gts], [gts[i] for i in gts])
+    res_lists = {i: [c] for i, c in res.items()}
+    assert ours["ROUGE_L"][0] == Rouge().compute_score(gts, res_lists)[0] == 0.5
+    assert ours["Bleu_1"][0] == pytest.approx(Bleu(4).compute_score(gts, res_lists, verbose=0)[0][0], abs=1e-12)
+    assert ours["CIDEr"][0] == 0.0
 
 
 def test_lcs_length_matches_dynamic_programming():

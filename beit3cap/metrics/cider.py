@@ -17,9 +17,10 @@ from beit3cap.metrics.ngrams import MAX_N, NgramCounts
 SIGMA = 6.0
 
 
-def _norms(rows: np.ndarray, orders: np.ndarray, weights: np.ndarray, n_rows: int) -> np.ndarray:
-    sq = np.bincount(rows * MAX_N + orders, weights=weights * weights, minlength=n_rows * MAX_N)
-    return np.sqrt(sq).reshape(n_rows, MAX_N)
+def _sum_by(rows: np.ndarray, orders: np.ndarray, values: np.ndarray, n_rows: int) -> np.ndarray:
+    """[n_rows, 4] sums of ``values`` by (row, order); float even when there is nothing to sum."""
+    sums = np.bincount(rows * MAX_N + orders, weights=values, minlength=n_rows * MAX_N)
+    return sums.astype(np.float64, copy=False).reshape(n_rows, MAX_N)
 
 
 def cider_d(counts: NgramCounts, sigma: float = SIGMA) -> tuple[float, np.ndarray]:
@@ -36,11 +37,10 @@ def cider_d(counts: NgramCounts, sigma: float = SIGMA) -> tuple[float, np.ndarra
     hyp_w = counts.group_hyp_count * idf[counts.group_gram]  # 0 where the hypothesis lacks the gram
     ref_w = counts.entry_count * idf[counts.entry_gram]
     entry_order = counts.gram_order[counts.entry_gram]
-    hyp_norm = _norms(counts.group_image, counts.gram_order[counts.group_gram], hyp_w, n_img)
-    ref_norm = _norms(counts.entry_row, entry_order, ref_w, n_refs)
+    hyp_norm = np.sqrt(_sum_by(counts.group_image, counts.gram_order[counts.group_gram], hyp_w * hyp_w, n_img))
+    ref_norm = np.sqrt(_sum_by(counts.entry_row, entry_order, ref_w * ref_w, n_refs))
     terms = np.minimum(hyp_w[counts.entry_group], ref_w) * ref_w
-    dot = np.bincount(counts.entry_row * MAX_N + entry_order, weights=terms,
-                      minlength=n_refs * MAX_N).reshape(n_refs, MAX_N)
+    dot = _sum_by(counts.entry_row, entry_order, terms, n_refs)
 
     hyp_norm = hyp_norm[batch.ref_image]
     sim = np.divide(dot, hyp_norm * ref_norm, out=dot.copy(), where=(hyp_norm != 0) & (ref_norm != 0))

@@ -79,8 +79,8 @@ def ptb_tokenize(captions: list[str]) -> list[str]:
 
 
 def _meteor_field(text: str) -> str:
-    # '|||' separates fields in the METEOR protocol; the doubled-space fix mirrors the coco-caption wrapper.
-    return text.replace("|||", "").replace("  ", " ")
+    # One line per request, '|||' between fields; the doubled-space fix mirrors the coco-caption wrapper.
+    return sanitize(text).replace("|||", "").replace("  ", " ")
 
 
 class Meteor:
