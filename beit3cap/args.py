@@ -85,6 +85,7 @@ class TrainConfig:
     eval: bool = False
     dist_eval: bool = False
     allow_partial_eval: bool = False
+    eval_metrics: str = "all"
     device: str | None = None  # None: cuda when available, else cpu with a warning
     seed: int = 0
     dist_url: str = "env://"
@@ -100,6 +101,12 @@ class TrainConfig:
     @property
     def generation_max_len(self) -> int:
         return self.gen_max_len if self.gen_max_len is not None else self.num_max_bpe_tokens
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        from .metrics import METRICS
+
+        return METRICS if self.eval_metrics == "all" else tuple(m.strip() for m in self.eval_metrics.split(","))
 
     @property
     def resolved_eval_batch_size(self) -> int:
@@ -209,6 +216,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="shard evaluation over processes (always done when distributed)")
     g.add_argument("--allow_partial_eval", action="store_true", default=False,
                    help="score even if some ground-truth images have no prediction (default: error)")
+    g.add_argument("--eval_metrics", default="all",
+                   help="metrics for validation and test scoring: all (Bleu, METEOR, ROUGE_L, CIDEr, SPICE) "
+                        "or a comma list, e.g. Bleu,ROUGE_L,CIDEr (no Java start-up for METEOR)")
     g.add_argument("--device", default=None, choices=("cuda", "cpu"),
                    help="default: cuda, falling back to cpu with a warning when CUDA is missing")
     g.add_argument("--seed", default=0, type=int, help="the process of rank r uses seed + r")
@@ -267,6 +277,12 @@ def config_from_args(ns: argparse.Namespace) -> TrainConfig:
         raise SystemExit(f"error: --opt_betas takes two numbers, got {ns.opt_betas}")
     if ns.gen_max_len is not None and ns.gen_max_len < 3:
         raise SystemExit(f"error: --gen_max_len must be >= 3, got {ns.gen_max_len}")
+    if ns.eval_metrics != "all":
+        from .metrics import METRICS
+
+        unknown = [m for m in ns.eval_metrics.split(",") if m.strip() not in METRICS]
+        if unknown:
+            raise SystemExit(f"error: --eval_metrics: unknown {unknown}; choose from {', '.join(METRICS)}")
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in vars(ns).items() if k in names}
     values["checkpoint_activations"] = bool(values.get("checkpoint_activations"))

@@ -63,8 +63,8 @@ def make_config(cfg: TrainConfig, world_size: int, precision: Precision) -> dict
                           "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
     elif precision.name == "bf16":
         config["bf16"] = {"enabled": True}
-    if cfg.clip_grad is not None:
-        config["gradient_clipping"] = cfg.clip_grad
+    # Current DeepSpeed clips at 1.0 by default (0.4.0 did not): no --clip_grad means no clipping.
+    config["gradient_clipping"] = cfg.clip_grad if cfg.clip_grad is not None else 0.0
     if cfg.zero_stage > 0:
         config["zero_optimization"] = {"stage": cfg.zero_stage, "reduce_bucket_size": 5e8}
     return config
@@ -91,15 +91,15 @@ class DeepSpeedStepper:
         skipped_before = getattr(self.engine, "skipped_steps", 0)
         self.engine.step()
         self._micro = 0
-        norm = self.engine.get_global_grad_norm()
-        norm = float(norm) if norm is not None else float("nan")
+        norm = self.engine.get_global_grad_norm()  # None when the engine computed none (fp32, no clipping)
+        norm = float(norm) if norm is not None else None
         applied = getattr(self.engine, "skipped_steps", 0) == skipped_before
         opt = self.engine.optimizer
         scale = getattr(opt, "cur_scale", None) or getattr(opt, "loss_scale", None)
         scale = float(scale) if isinstance(scale, (int, float, torch.Tensor)) else None
         fp16 = self.engine.fp16_enabled()
-        return StepResult(norm, scale, applied and loss_finite,
-                          not loss_finite or (not math.isfinite(norm) and not fp16))
+        grads_ok = norm is None or math.isfinite(norm)
+        return StepResult(norm, scale, applied and loss_finite, not loss_finite or (not grads_ok and not fp16))
 
 
 def initialize(cfg: TrainConfig, model: nn.Module, groups: list[dict], precision: Precision):

@@ -14,7 +14,7 @@ import math
 import resource
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -61,7 +61,7 @@ def resolve_precision(requested: str, device_type: str) -> Precision:
 
 @dataclass
 class StepResult:
-    grad_norm: float
+    grad_norm: float | None  # None: not computed (DeepSpeed without clipping)
     loss_scale: float | None
     applied: bool
     nonfinite: bool  # loss or gradient not finite (fp16 overflows that a grad scaler handles do not count)
@@ -111,19 +111,19 @@ class EpochStats:
     masked: float = 0.0
     steps: int = 0
     skipped: int = 0
+    norms: int = 0
     grad_norm_sum: float = 0.0
     images: int = 0
     seconds: float = 0.0
     lr: float = 0.0
-    extra: dict[str, float] = field(default_factory=dict)
+    first_step: int = 1  # > 1 when a resumed epoch started mid-way
 
-    def summary(self) -> dict[str, float]:
-        out = {"loss": self.loss_sum / max(self.kept, 1), "acc": self.correct / max(self.masked, 1),
-               "lr": self.lr, "grad_norm": self.grad_norm_sum / max(self.steps - self.skipped, 1),
-               "skipped_steps": self.skipped, "images_per_s": self.images / max(self.seconds, 1e-9),
-               "seconds": self.seconds}
-        out.update(self.extra)
-        return out
+    def summary(self) -> dict[str, float | None]:
+        """Token-weighted means over the epoch's steps (the official log.txt ``train_*`` values)."""
+        return {"loss": self.loss_sum / max(self.kept, 1), "acc": self.correct / max(self.masked, 1),
+                "lr": self.lr, "grad_norm": self.grad_norm_sum / self.norms if self.norms else None,
+                "steps": self.steps, "first_step": self.first_step, "skipped_steps": self.skipped,
+                "images_per_s": self.images / max(self.seconds, 1e-9), "seconds": self.seconds}
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -180,7 +180,7 @@ class TrainLoop:
         """
         cfg, uf = self.cfg, self.cfg.update_freq
         self.model.train()
-        stats = EpochStats()
+        stats = EpochStats(first_step=start_step + 1)
         world = D.get_world_size()
         images_per_step = cfg.batch_size * uf * world
         bar = tqdm(total=self.steps_per_epoch, initial=start_step, desc=f"epoch {epoch}", unit="step",
@@ -211,8 +211,9 @@ class TrainLoop:
                 stats.kept += kept
                 stats.correct += correct
                 stats.masked += masked
-            if result.applied:
+            if result.applied and result.grad_norm is not None:
                 stats.grad_norm_sum += result.grad_norm
+                stats.norms += 1
             if self.logger is not None:
                 record = {"epoch": epoch, "step": step + 1, "global_step": global_step + 1,
                           "loss": loss_sum / max(kept, 1), "acc": correct / max(masked, 1), "lr": lr,
@@ -266,16 +267,16 @@ def caption_loader(model: nn.Module, loader, tokenizer, cfg: TrainConfig, device
     return out
 
 
-def gather_predictions(local: list[dict]) -> list[dict] | None:
-    """All ranks' predictions on rank 0 (first occurrence of each image_id kept); None on other ranks."""
+def gather_predictions(local: list[tuple[int, dict]]) -> list[dict] | None:
+    """All ranks' ``(dataset index, prediction)`` pairs on rank 0, in dataset order with the first
+    prediction of each image_id kept; None on the other ranks."""
     shards = D.all_gather_object(local)
     if not D.is_main_process():
         return None
     seen: set[int] = set()
     merged = []
-    for shard in shards:
-        for p in shard:
-            if p["image_id"] not in seen:
-                seen.add(p["image_id"])
-                merged.append(p)
+    for _, p in sorted((pair for shard in shards for pair in shard), key=lambda pair: pair[0]):
+        if p["image_id"] not in seen:
+            seen.add(p["image_id"])
+            merged.append(p)
     return merged

@@ -171,14 +171,18 @@ def _short_list(names: list[str], n: int = 4) -> str:
 # ------------------------------------------------------------------------------------------ evaluation
 
 def predict_and_score(model: nn.Module, cfg: TrainConfig, tokenizer, index_file: Path, split_key: str,
-                      suffix: str, result_name: str | None, env: RunEnv) -> dict | None:
+                      suffix: str, result_name: str | None, env: RunEnv, strict: bool) -> dict | None:
     """Caption every image of ``index_file`` once (sharded over ranks), write ``submit_{suffix}.json`` on
-    rank 0 and, when the ground truth of ``split_key`` is found, score it into ``result_name``."""
+    rank 0 and, when the ground truth of ``split_key`` is found, score it into ``result_name``.
+
+    A scoring problem (no ground truth, mismatching ids, no Java) is an error when ``strict`` (--eval)
+    and a warning during training, where it must not end a long run.
+    """
     from . import evaluate as E
 
     loader = eval_loader(cfg, index_file, env)
     local = caption_loader(model, loader, tokenizer, cfg, env.device, env.precision, desc=f"captioning {suffix}")
-    merged = gather_predictions(local)
+    merged = gather_predictions(list(zip(loader.sampler.indices, local)))
     if merged is None:
         return None
     out_dir = Path(cfg.output_dir or ".")
@@ -186,11 +190,19 @@ def predict_and_score(model: nn.Module, cfg: TrainConfig, tokenizer, index_file:
     print(f"Infer {len(merged)} examples into {pred_file}", flush=True)
     if result_name is None:
         return None
-    gt = E.find_ground_truth(split_key, out_dir, cfg.data_path)
-    if gt is None:
-        D.warn(f"no ground-truth file for {split_key} in {out_dir} or {cfg.data_path}: predictions not scored")
+    try:
+        gt = E.find_ground_truth(split_key, cfg.output_dir or None, cfg.data_path, required=strict)
+        if gt is None:
+            D.warn(f"no ground truth for {split_key} in {out_dir} or {cfg.data_path} "
+                   f"({E.ground_truth_name(split_key)}): {pred_file} is not scored")
+            return None
+        scores = E.score_predictions_file(pred_file, gt, allow_partial=cfg.allow_partial_eval,
+                                          metrics=cfg.metric_names)
+    except Exception as e:  # FileNotFoundError, PredictionError, GroundTruthError, JavaNotFoundError, ...
+        if strict:
+            raise SystemExit(f"error: scoring {pred_file} failed: {e}") from None
+        D.warn(f"scoring {pred_file} failed, training goes on: {type(e).__name__}: {e}")
         return None
-    scores = E.score_predictions_file(pred_file, gt, allow_partial=cfg.allow_partial_eval)
     E.write_result(out_dir / result_name, scores)
     return scores
 
@@ -200,7 +212,7 @@ def load_weights_for_eval(model: nn.Module, cfg: TrainConfig) -> None:
 
     Unlike the official script, an explicit --finetune is never replaced by an auto-resumed checkpoint.
     """
-    from .checkpoint import load_checkpoint_file, load_pretrained
+    from .checkpoint import load_pretrained
 
     if cfg.resume:
         source = cfg.resume
@@ -211,8 +223,7 @@ def load_weights_for_eval(model: nn.Module, cfg: TrainConfig) -> None:
     else:
         D.warn("--eval without --finetune or --resume: evaluating randomly initialised weights")
         return
-    obj = load_checkpoint_file(source)
-    report = load_pretrained(model, obj, cfg.model_key, cfg.model_prefix, verbose=False)
+    report = load_pretrained(model, source, cfg.model_key, cfg.model_prefix, verbose=False)
     D.print0(f"Evaluating weights from {source}\n{report}")
 
 
@@ -222,7 +233,7 @@ def evaluate_only(cfg: TrainConfig, model: nn.Module, tokenizer, env: RunEnv) ->
     model.to(env.device)
     result = "coco_captioning_result.json" if cfg.task == "coco_captioning" else None
     scores = predict_and_score(model, cfg, tokenizer, test_index, f"{cfg.task}_test", f"{cfg.task}_test",
-                               result, env)
+                               result, env, strict=True)
     if scores:
         D.print0("Test: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, (int, float))))
     return 0
@@ -402,7 +413,7 @@ class Trainer:
         if self.val_index is not None:
             val_scores = predict_and_score(
                 self._bare(), cfg, self.tokenizer, self.val_index, f"{cfg.task}_val", f"{cfg.task}_val_e{epoch}",
-                f"{cfg.task}_result_val_e{epoch}.json", self.env)
+                f"{cfg.task}_result_val_e{epoch}.json", self.env, strict=False)
         cider = val_scores.get("CIDEr") if val_scores else None
         improved = isinstance(cider, (int, float)) and (self.best is None or cider > self.best)
         if self.ds is not None:  # DeepSpeed saves collectively: every rank must know
@@ -419,6 +430,8 @@ class Trainer:
         line = f"epoch {epoch}: loss {record['train_loss']:.4f}, acc {record['train_acc']:.3f}, " \
                f"lr {record['train_lr']:.2e}, {record['train_images_per_s']:.1f} img/s, " \
                f"{record['train_seconds']:.0f} s"
+        if record["train_first_step"] > 1:
+            line += f" (resumed at step {int(record['train_first_step'])})"
         if record["train_skipped_steps"]:
             line += f", {int(record['train_skipped_steps'])} steps skipped (non-finite)"
         if val_scores:
