@@ -21,6 +21,7 @@ from typing import Any
 
 from beit3cap.fileio import atomic_write
 from beit3cap.metrics import METRICS, CaptionScores, evaluate_captions
+from beit3cap.metrics.scorer import preview_ids
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +42,6 @@ class PredictionError(ValueError):
 
 class GroundTruthError(ValueError):
     """A ground-truth file that is not a usable COCO annotation file; the message names the file."""
-
-
-def _preview(ids: Iterable[int], limit: int = 20) -> str:
-    ids = sorted(ids)
-    text = ", ".join(map(str, ids[:limit]))
-    return f"{text}, ... ({len(ids)} in total)" if len(ids) > limit else text
 
 
 def _read_json(path: Path, error: type[Exception]) -> Any:
@@ -124,11 +119,11 @@ def load_ground_truth(path: str | os.PathLike) -> dict[int, list[str]]:
         refs.setdefault(ann["image_id"], []).append(ann["caption"])
     if unlisted:
         log.warning("%s: ignoring the captions of %d image id(s) missing from 'images': %s",
-                    path, len(unlisted), _preview(unlisted))
+                    path, len(unlisted), preview_ids(unlisted))
     empty = [i for i, caps in refs.items() if not caps]
     if empty:
         log.warning("%s: %d listed image(s) have no caption and cannot be scored: %s",
-                    path, len(empty), _preview(empty))
+                    path, len(empty), preview_ids(empty))
         refs = {i: caps for i, caps in refs.items() if caps}
     if not refs:
         raise GroundTruthError(f"{path}: no captions")
@@ -178,11 +173,11 @@ def check_predictions(preds: Predictions, gt_ids: Iterable[int], allow_partial: 
     problems = []
     if missing:
         problems.append(f"{len(missing)} of {len(gt_set)} ground-truth images have no prediction: "
-                        f"{_preview(missing)}")
+                        f"{preview_ids(missing)}")
     if dup:
-        problems.append(f"{len(dup)} images have more than one prediction: {_preview(dup)}")
+        problems.append(f"{len(dup)} images have more than one prediction: {preview_ids(dup)}")
     if unknown:
-        problems.append(f"{len(unknown)} predicted images are not in the ground truth: {_preview(unknown)}")
+        problems.append(f"{len(unknown)} predicted images are not in the ground truth: {preview_ids(unknown)}")
     if problems and not allow_partial:
         raise PredictionError(f"{source}: " + "; ".join(problems) +
                               " (allow_partial / --allow-partial scores the shared images only)")
@@ -213,7 +208,7 @@ def write_predictions(path: str | os.PathLike, preds: Predictions) -> Path:
     for img, _ in entries:
         (dup if img in seen else seen).add(img)
     if dup:
-        raise PredictionError(f"{path}: more than one caption for image ids {_preview(dup)}; "
+        raise PredictionError(f"{path}: more than one caption for image ids {preview_ids(dup)}; "
                               "merge_predictions keeps the first of each")
     lines = [json.dumps({"image_id": img, "caption": cap}, ensure_ascii=False) for img, cap in entries]
     return atomic_write(path, lambda f: f.write("[\n" + ",\n".join(lines) + "\n]\n" if lines else "[]\n"))

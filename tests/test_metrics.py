@@ -19,7 +19,7 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 from beit3cap.metrics import evaluate_captions, native_scores, ptb_tokenize, score, spice_unavailable_reason
-from beit3cap.metrics.java import SPICE_CORENLP_JARS, pycocoevalcap_dir
+from beit3cap.metrics.java import SPICE_CORENLP_JARS, pycocoevalcap_dir, spice
 from beit3cap.metrics.rouge import lcs_length
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None,
@@ -186,6 +186,15 @@ def test_spice_unavailable_does_not_stop_other_metrics():
     scores = evaluate_captions({1: ["a dog runs"], 2: ["a cat"]}, {1: "a dog", 2: "a cat"}, ("Bleu", "SPICE"))
     assert scores.corpus["SPICE"] is None and "stanford-corenlp-3.6.0" in scores.notes["SPICE"]
     assert scores.corpus["Bleu_1"] > 0.5
+
+
+@needs_java
+def test_spice_runner_reports_a_failing_jar(tmp_path):
+    if spice_unavailable_reason() is None:
+        pytest.skip("SPICE's CoreNLP jars are installed here")
+    # Without CoreNLP the SPICE jar starts and dies at once; the error carries Java's own message.
+    with pytest.raises(RuntimeError, match=r"SPICE failed \(exit 1\).*stanford"):
+        spice(["a dog"], [["a dog runs"]], cache_dir=tmp_path)
 
 
 @pytest.fixture(scope="module")

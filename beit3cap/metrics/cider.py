@@ -4,8 +4,9 @@ Conventions: tf-idf vectors of 1..4-grams, where the document frequency of a gra
 evaluated images whose references contain it and idf = log(#images) - log(max(1, df)) - so the idf comes
 from the evaluated set itself and scoring a subset changes CIDEr; per order, the hypothesis weight is
 clipped to the reference weight before the dot product ("min(h, r) * r") and divided by both norms; a
-Gaussian penalty exp(-delta^2 / (2 sigma^2)) with sigma 6 on the difference of *bigram* counts (the
-original counts words only at n == 2); averaged over orders and references, times 10.
+Gaussian penalty exp(-delta^2 / (2 sigma^2)) with sigma 6 on the length difference, where the original's
+"length" is the number of bigrams (words - 1, and 0 for an empty caption); averaged over orders and
+references, times 10.
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ def ptb_tokenize(captions: list[str]) -> list[str]:
              str(src)], capture_output=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"PTBTokenizer failed (exit {proc.returncode}): "
-                           f"{proc.stderr.decode(errors='replace')[-2000:]}")
+                           f"{proc.stderr.decode(errors='replace')[:1500]}")
     lines = proc.stdout.decode("utf-8").split("\n")
     if len(lines) != len(captions):
         raise RuntimeError(f"PTBTokenizer returned {len(lines)} lines for {len(captions)} captions")
@@ -103,7 +103,7 @@ class Meteor:
         if not line:
             self._proc.wait()
             self._stderr.seek(0)
-            err = self._stderr.read().decode(errors="replace")[-2000:]
+            err = self._stderr.read().decode(errors="replace")[:1500]
             raise RuntimeError(f"METEOR stopped unexpectedly (exit {self._proc.returncode}): {err}")
         return line.strip()
 
@@ -180,7 +180,7 @@ def spice(hyps: list[str], refs: list[list[str]], cache_dir: Path | None = None)
                               cwd=folder, capture_output=True, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"SPICE failed (exit {proc.returncode}): "
-                               f"{proc.stderr.decode(errors='replace')[-2000:]}")
+                               f"{proc.stderr.decode(errors='replace')[:1500]}")
         results = json.loads(out.read_text(encoding="utf-8"))
 
     def f_score(item: dict) -> float:

@@ -42,13 +42,14 @@ class CaptionScores:
                 for i, img in enumerate(self.image_ids)]
 
 
-def _ids_preview(ids: Iterable[Hashable], limit: int = 20) -> str:
+def preview_ids(ids: Iterable[Hashable], limit: int = 20) -> str:
+    """The first ``limit`` ids (sorted) and, if there are more, the total: for error messages."""
     try:
         ids = sorted(ids)
     except TypeError:  # mixed id types
         ids = sorted(ids, key=repr)
-    more = f" ... ({len(ids)} in total)" if len(ids) > limit else ""
-    return ", ".join(map(repr, ids[:limit])) + more
+    text = ", ".join(map(repr, ids[:limit]))
+    return f"{text}, ... ({len(ids)} in total)" if len(ids) > limit else text
 
 
 def _check_inputs(gts: Mapping, res: Mapping) -> None:
@@ -56,17 +57,17 @@ def _check_inputs(gts: Mapping, res: Mapping) -> None:
         missing, extra = gts.keys() - res.keys(), res.keys() - gts.keys()
         parts = []
         if missing:
-            parts.append(f"no caption for {len(missing)} image(s): {_ids_preview(missing)}")
+            parts.append(f"no caption for {len(missing)} image(s): {preview_ids(missing)}")
         if extra:
-            parts.append(f"{len(extra)} captioned image(s) have no references: {_ids_preview(extra)}")
+            parts.append(f"{len(extra)} captioned image(s) have no references: {preview_ids(extra)}")
         raise ValueError("captions and references must cover the same images; " + "; ".join(parts))
     bad = [k for k, v in res.items() if not isinstance(v, str)]
     if bad:
-        raise ValueError(f"each image needs exactly one caption string; not a string for {_ids_preview(bad)}")
+        raise ValueError(f"each image needs exactly one caption string; not a string for {preview_ids(bad)}")
     bad = [k for k, v in gts.items()
            if isinstance(v, str) or not v or not all(isinstance(c, str) for c in v)]
     if bad:
-        raise ValueError(f"each image needs a non-empty list of reference strings; wrong for {_ids_preview(bad)}")
+        raise ValueError(f"each image needs a non-empty list of reference strings; wrong for {preview_ids(bad)}")
 
 
 def _normalize_metrics(metrics: Iterable[str]) -> list[str]:
