@@ -109,6 +109,7 @@ def main() -> None:
     parser.add_argument("--no_write", action="store_true", help="do not touch BENCHMARKS.md")
     args = parser.parse_args()
 
+    load_at_start = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "n/a"
     gts, res = make_captions(args.images, args.refs)
     ids = list(gts)
     res_lists = {i: [res[i]] for i in ids}
@@ -162,7 +163,7 @@ def main() -> None:
         "",
         f"Command: `.venv/bin/python benchmarks/metrics.py{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}`",
         "",
-        machine_summary(),
+        machine_summary() + f" Load average when the run started: {load_at_start}.",
     ])
     print(body)
     if not args.no_write:
