@@ -129,7 +129,6 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         description="Fine-tune or evaluate BEiT-3 image captioning (the flags of the official "
                     "run_beit3_finetuning.py). Launch with python, torchrun or "
                     "python -m torch.distributed.launch.")
-    S = argparse.SUPPRESS
 
     g = p.add_argument_group("model")
     g.add_argument("--model", default="beit3_base_patch16_224", type=str,

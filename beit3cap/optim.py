@@ -84,3 +84,22 @@ def cosine_schedule(base_lr: float, min_lr: float, epochs: int, steps_per_epoch:
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for g in optimizer.param_groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
+
+
+def state_mismatch(optimizer: torch.optim.Optimizer, state: dict) -> str | None:
+    """Why a saved optimizer state does not fit ``optimizer`` (group sizes, tensor shapes), or None.
+
+    ``Optimizer.load_state_dict`` matches parameters by position and only checks group sizes, so a state
+    saved for another model layout would load and fail (or silently misapply) at the first step.
+    """
+    saved = state.get("param_groups", [])
+    sizes = [len(g["params"]) for g in optimizer.param_groups]
+    if [len(g["params"]) for g in saved] != sizes:
+        return f"parameter groups of sizes {[len(g['params']) for g in saved]} instead of {sizes}"
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    ids = [i for g in saved for i in g["params"]]
+    for param, pid in zip(params, ids):
+        moment = state.get("state", {}).get(pid, {}).get("exp_avg")
+        if moment is not None and tuple(moment.shape) != tuple(param.shape):
+            return f"a moment of shape {tuple(moment.shape)} for a parameter of shape {tuple(param.shape)}"
+    return None

@@ -191,3 +191,19 @@ def test_bad_flags_fail_with_a_clear_message(flags, message):
 def test_config_is_plain_data():
     plain = config_from_argv(BASE).to_plain()
     assert all(isinstance(v, (str, int, float, bool, list, type(None))) for v in plain.values())
+
+
+def test_optimizer_state_mismatch_is_detected():
+    from beit3cap.optim import state_mismatch
+
+    model = create_model("beit3_tiny_patch16_32", vocab_size=58)
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.05)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    state = opt.state_dict()
+    assert state_mismatch(opt, state) is None
+    other = build_optimizer(create_model("beit3_tiny_patch16_32", vocab_size=60), lr=1e-3, weight_decay=0.05)
+    assert state_mismatch(other, state) == "a moment of shape (58, 64) for a parameter of shape (60, 64)"
+    layered = build_optimizer(model, lr=1e-3, weight_decay=0.05, layer_decay=0.5)
+    assert state_mismatch(layered, state).startswith("parameter groups of sizes")
