@@ -220,7 +220,7 @@ def create_app(captioner: Captioner, *, max_upload_mb: float = 10.0, max_images:
             raise ApiError(415, f"unsupported content type {ctype or '(none)'!r}: send multipart/form-data "
                                 "with 'files' parts or application/json with 'images'")
         settings = parse_settings(raw, limits, defaults)
-        decoded = await asyncio.to_thread(decode_all, uploads, limits.max_pixels)
+        decoded = await asyncio.to_thread(decode_all, uploads, limits.max_pixels, captioner.input_size)
         images = [d for d in decoded if isinstance(d, Image.Image)]
         if not images:
             raise ApiError(415, "no upload is a readable image: "

@@ -63,6 +63,7 @@ class CaptionBatcher:
         self._queue: asyncio.Queue[_Job] | None = None
         self._task: asyncio.Task | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._current: list[_Job] = []  # the batch being run
 
     @property
     def running(self) -> bool:
@@ -83,10 +84,11 @@ class CaptionBatcher:
                 await self._task
             self._task = None
         if self._queue is not None:
-            while not self._queue.empty():
-                job = self._queue.get_nowait()
+            left = self._current + [self._queue.get_nowait() for _ in range(self._queue.qsize())]
+            for job in left:
                 if not job.future.done():
                     job.future.set_exception(BatcherClosedError("the server is shutting down"))
+            self._current = []
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
@@ -124,7 +126,9 @@ class CaptionBatcher:
                 jobs.append(job)
                 waiting += len(job.items)
             self.stats.batches += 1
+            self._current = jobs
             await self._run_jobs(jobs)
+            self._current = []
 
     async def _run_jobs(self, jobs: list[_Job]) -> None:
         groups: dict[Hashable, list[_Job]] = {}

@@ -20,6 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 
+from .captioner import DRAFT_ABOVE_PIXELS
 from .data.transforms import to_rgb
 
 MAX_BEAMS = 16
@@ -83,23 +84,33 @@ class UnreadableImage(ValueError):
     """An upload that is not an image, is corrupt, or has too many pixels."""
 
 
-def read_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode an uploaded file as RGB (EXIF orientation applied). Raises UnreadableImage saying why not."""
+def read_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, input_size: int | None = None) -> Image.Image:
+    """Decode an uploaded file as RGB with its EXIF orientation applied, as ``beit3cap caption`` reads files
+    (large JPEGs decoded at a reduced scale). With ``input_size``, also do the evaluation transform's square
+    bicubic resize here: the transform then resizes S x S to S x S, which PIL returns unchanged, so the
+    pixels are the same while only small images wait in memory for their batch.
+
+    Raises UnreadableImage saying what is wrong."""
     try:
         with Image.open(BytesIO(data)) as image:
             pixels = image.width * image.height
             if pixels > max_pixels:
                 raise UnreadableImage(f"{image.width}x{image.height} is more than the {max_pixels:,}-pixel limit")
+            if input_size and image.format == "JPEG" and pixels > DRAFT_ABOVE_PIXELS:
+                image.draft(None, (4 * input_size, 4 * input_size))
             image.load()
-            return to_rgb(ImageOps.exif_transpose(image))
+            rgb = to_rgb(ImageOps.exif_transpose(image))
     except UnreadableImage:
         raise
     except UnidentifiedImageError as exc:
         raise UnreadableImage("not an image (no image format Pillow knows)") from exc
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        # PIL reports non-images and corrupt files as OSError (UnidentifiedImageError), ValueError or
-        # SyntaxError depending on the codec.
+    except Image.DecompressionBombError as exc:
+        raise UnreadableImage(f"too many pixels ({exc})") from exc
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        # PIL reports corrupt files as OSError ("image file is truncated"), ValueError, SyntaxError or
+        # EOFError depending on the codec.
         raise UnreadableImage(f"not a readable image ({type(exc).__name__}: {exc})") from exc
+    return rgb.resize((input_size, input_size), Image.Resampling.BICUBIC) if input_size else rgb
 
 
 def _check_count(n: int, limits: Limits) -> None:
@@ -196,12 +207,13 @@ def parse_settings(raw: dict[str, Any], limits: Limits, defaults: CaptionSetting
     return settings
 
 
-def decode_all(uploads: list[tuple[str, bytes]], max_pixels: int) -> list[Image.Image | UnreadableImage]:
-    """Each upload as an RGB image, or the reason it is not one."""
+def decode_all(uploads: list[tuple[str, bytes]], max_pixels: int,
+               input_size: int | None = None) -> list[Image.Image | UnreadableImage]:
+    """Each upload as an RGB image (see ``read_image``), or the reason it is not one."""
     out: list[Image.Image | UnreadableImage] = []
     for _, data in uploads:
         try:
-            out.append(read_image(data, max_pixels))
+            out.append(read_image(data, max_pixels, input_size))
         except UnreadableImage as exc:
             out.append(exc)
     return out

@@ -36,7 +36,7 @@ CHROMEDRIVER = shutil.which("chromedriver") or ("/usr/bin/chromedriver" if Path(
                                                 else None)
 
 
-def noise_png(seed: int, size: int = 24) -> bytes:
+def noise_png(seed: int, size: int = 48) -> bytes:
     rng = np.random.default_rng(seed)
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
@@ -167,6 +167,35 @@ def test_sampling_settings_reach_the_decoder(client, captioner):
     assert first["settings"]["sample"] is True and first["settings"]["seed"] == 7
 
 
+def _image_files(folder: Path) -> list[Path]:
+    """Real files in modes that need care: transparency, EXIF rotation, greyscale, palette."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    pixels[:, :25] = 0  # a dark left half, so that rotating matters
+    rgb = Image.fromarray(pixels)
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(Image.fromarray(rng.integers(0, 256, (30, 50), dtype=np.uint8)))
+    rgba.save(folder / "alpha.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: the picture is 30 wide once upright
+    rgb.save(folder / "rotated.jpg", quality=90, exif=exif)
+    rgb.convert("L").save(folder / "grey.png")
+    rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=16).save(folder / "palette.gif")
+    return sorted(folder.iterdir())
+
+
+def test_uploads_are_read_like_beit3cap_caption_reads_files(client, captioner, tmp_path):
+    paths = _image_files(tmp_path)
+    reply = post_files(client, [(p.name, p.read_bytes()) for p in paths], max_len=12)
+    assert reply.status_code == 200, reply.text
+    expected = captioner.caption(paths, max_len=12)
+    assert reply.json()["results"] == [{"name": p.name, "caption": c} for p, c in zip(paths, expected)]
+    # The files are ones where a careless read (no EXIF rotation, alpha dropped) changes the caption.
+    naive = captioner.caption([Image.fromarray(np.asarray(Image.open(tmp_path / n).convert("RGB")))
+                               for n in ("alpha.png", "rotated.jpg")], max_len=12)
+    assert naive[0] != expected[0] and naive[1] != expected[3]
+
+
 def test_a_non_image_among_images_gets_its_own_error(client, captioner):
     reply = post_files(client, [("photo.png", noise_png(5)), ("notes.txt", b"just some text\n")])
     assert reply.status_code == 200
@@ -194,6 +223,9 @@ BAD_REQUESTS = {
         "images": [base64.b64encode(_oversized_png()).decode()], "names": ["huge"]}), 413, ["huge", "limit"]),
     "body over the limit": (lambda c: c.post("/caption", content=b"0" * (3 << 20),
                                              headers={"content-type": "application/json"}), 413, ["request body"]),
+    "chunked body over the limit": (lambda c: c.post("/caption", content=iter([b"0" * (1 << 16)] * 48),
+                                                     headers={"content-type": "application/json"}), 413,
+                                    ["request body"]),
     "too many images": (lambda c: post_files(c, [(f"{i}.png", noise_png(i)) for i in range(MAX_IMAGES + 1)]), 400,
                         ["too many images", str(MAX_IMAGES)]),
     "no images": (lambda c: c.post("/caption", json={"images": []}), 400, ["no images"]),
