@@ -110,6 +110,9 @@ def evaluate_only(cfg: TrainConfig, model: nn.Module, tokenizer, env: RunEnv) ->
                                result, env, strict=True)
     if scores:
         D.print0("Test: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, (int, float))))
+    if cfg.task == "nocaps":
+        D.print0("NoCaps test captions are not public: submit submit_nocaps_test.json to the EvalAI server "
+                 "(https://eval.ai/web/challenges/challenge-page/355)")
     return 0
 
 

@@ -81,6 +81,16 @@ def run_until(args: list[str], appears: Path, timeout: float = 300) -> None:
         proc.stderr.close()
 
 
+def run_here(args: list[str], capsys) -> tuple[int, str, str]:
+    """A single-process run inside the test process (no launcher, no interpreter start-up)."""
+    from beit3cap.train import main
+
+    capsys.readouterr()
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 def steps(out: Path) -> dict[int, dict]:
     """train_steps.jsonl by global step (the last record of a step wins, as after a resume)."""
     records = [json.loads(line) for line in (out / "train_steps.jsonl").read_text().splitlines()]
@@ -191,7 +201,8 @@ def test_killed_runs_resume_to_the_same_losses_and_weights(tmp_path, spm_path, t
 
 # ------------------------------------------------------------------------------------------ evaluation
 
-def test_eval_captions_each_test_image_once_and_keeps_finetune(tmp_path, spm_path, tiny_vocab, data, tiny_ckpt):
+def test_eval_captions_each_test_image_once_and_keeps_finetune(tmp_path, spm_path, tiny_vocab, data, tiny_ckpt,
+                                                               capsys):
     """--eval needs only the test index; an explicit --finetune is used even when --output_dir holds a
     checkpoint (the official script silently auto-resumed over it)."""
     only_test = tmp_path / "data"
@@ -206,9 +217,9 @@ def test_eval_captions_each_test_image_once_and_keeps_finetune(tmp_path, spm_pat
     torch.save({"model": create_model("beit3_tiny_patch16_32", vocab_size=tiny_vocab).state_dict()},
                out / "checkpoint-3.pth")
 
-    proc = run(tiny_flags(spm_path, tiny_vocab, only_test, out) + [
-        "--finetune", str(tiny_ckpt), "--eval", "--batch_size", "2", "--num_max_bpe_tokens", "16"])
-    assert f"Evaluating weights from {tiny_ckpt}" in proc.stdout
+    code, stdout, _ = run_here(tiny_flags(spm_path, tiny_vocab, only_test, out) + [
+        "--finetune", str(tiny_ckpt), "--eval", "--batch_size", "2", "--num_max_bpe_tokens", "16"], capsys)
+    assert code == 0 and f"Evaluating weights from {tiny_ckpt}" in stdout
     preds = out / "submit_coco_captioning_test.json"
     assert prediction_ids(preds) == index_ids(data / "coco_captioning.test.jsonl")
     assert all(isinstance(p["caption"], str) for p in json.loads(preds.read_text()))
@@ -216,42 +227,45 @@ def test_eval_captions_each_test_image_once_and_keeps_finetune(tmp_path, spm_pat
     assert {"Bleu_4", "ROUGE_L", "CIDEr"} <= result.keys()
 
     # Without --finetune, auto-resume picks the checkpoint and says so.
-    proc = run(tiny_flags(spm_path, tiny_vocab, only_test, out) + ["--eval", "--batch_size", "3"])
-    assert f"Evaluating weights from {out / 'checkpoint-3.pth'}" in proc.stdout
+    code, stdout, _ = run_here(tiny_flags(spm_path, tiny_vocab, only_test, out) + ["--eval", "--batch_size", "3"],
+                               capsys)
+    assert code == 0 and f"Evaluating weights from {out / 'checkpoint-3.pth'}" in stdout
 
 
-def test_training_validates_every_epoch_with_every_image_once(tmp_path, spm_path, tiny_vocab, data):
+def test_training_validates_every_epoch_with_every_image_once(tmp_path, spm_path, tiny_vocab, data, capsys):
     out = tmp_path / "out"
-    proc = run(tiny_flags(spm_path, tiny_vocab, data, out) + [
+    code, stdout, _ = run_here(tiny_flags(spm_path, tiny_vocab, data, out) + [
         "--batch_size", "8", "--epochs", "2", "--lr", "1e-3", "--warmup_steps", "3", "--num_max_bpe_tokens", "16",
-        "--save_ckpt_freq", "5"])
+        "--save_ckpt_freq", "5"], capsys)
+    assert code == 0
     val_ids = index_ids(data / "coco_captioning.val.jsonl")
     for epoch in (0, 1):
         assert prediction_ids(out / f"submit_coco_captioning_val_e{epoch}.json") == val_ids
         assert "CIDEr" in json.loads((out / f"coco_captioning_result_val_e{epoch}.json").read_text())
     log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [0, 1] and all("val_CIDEr" in r and "train_loss" in r for r in log)
-    assert "val CIDEr" in proc.stdout and (out / "checkpoint-best.pth").exists()
+    assert "val CIDEr" in stdout and (out / "checkpoint-best.pth").exists()
     assert (out / "checkpoint-1.pth").exists() and not (out / "checkpoint-0.pth").exists()  # last epoch only
 
 
 # ------------------------------------------------------------------------------------- non-finite loss
 
-def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, spm_path, tiny_vocab, data_noval):
+def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, spm_path, tiny_vocab, data_noval, capsys):
     """An absurd learning rate blows the weights up after one step: later steps are non-finite."""
     base = tiny_flags(spm_path, tiny_vocab, data_noval, tmp_path / "x") + [
         "--batch_size", "8", "--epochs", "1", "--lr", "1e30", "--min_lr", "1e30", "--warmup_epochs", "0",
         "--num_max_bpe_tokens", "16"]
     out = tmp_path / "skip"
-    proc = run(base + ["--output_dir", str(out), "--max_nonfinite_steps", "100"])
+    code, stdout, stderr = run_here(base + ["--output_dir", str(out), "--max_nonfinite_steps", "100"], capsys)
     log = json.loads((out / "log.txt").read_text())
-    assert log["train_skipped_steps"] >= 5 and "non-finite loss or gradient" in proc.stderr
-    assert "steps skipped (non-finite)" in proc.stdout
+    assert code == 0 and log["train_skipped_steps"] >= 5 and "non-finite loss or gradient" in stderr
+    assert "steps skipped (non-finite)" in stdout
 
     out = tmp_path / "stop"
-    proc = run(base + ["--output_dir", str(out), "--max_nonfinite_steps", "3", "--save_ckpt_steps", "1"], check=False)
-    assert proc.returncode == 1
-    assert "stopping: 3 optimizer steps in a row had a non-finite loss" in proc.stderr
+    code, _, stderr = run_here(base + ["--output_dir", str(out), "--max_nonfinite_steps", "3", "--save_ckpt_steps", "1"],
+                               capsys)
+    assert code == 1
+    assert "stopping: 3 optimizer steps in a row had a non-finite loss" in stderr
     assert not (out / "checkpoint-0.pth").exists()
 
 
@@ -276,3 +290,24 @@ def test_missing_training_index_names_the_file(tmp_path, spm_path, tiny_vocab):
 
     with pytest.raises(SystemExit, match=f"{tmp_path}/coco_captioning.train.jsonl not found"):
         main(tiny_flags(spm_path, tiny_vocab, tmp_path, tmp_path / "out"))
+
+
+def test_nocaps_trains_on_coco_validates_on_nocaps_and_writes_the_test_submission(tmp_path, spm_path, tiny_vocab,
+                                                                                  tokenizer, capsys):
+    """In-process (one process needs no launcher): --task nocaps reads coco_captioning.train.jsonl."""
+    from beit3cap.data.index import make_coco_captioning_index, make_nocaps_captioning_index
+    from beit3cap.data.synth import make_nocaps_tree
+    from beit3cap.train import main
+
+    root = make_nocaps_tree(tmp_path / "nocaps", n_val=3, n_test=5, image_size=32, n_train=4)
+    make_coco_captioning_index(root, tokenizer)
+    make_nocaps_captioning_index(root)
+    flags = tiny_flags(spm_path, tiny_vocab, root, tmp_path / "out") + [
+        "--task", "nocaps", "--batch_size", "4", "--epochs", "1", "--num_max_bpe_tokens", "12"]
+    assert main(flags) == 0
+    out = tmp_path / "out"
+    assert prediction_ids(out / "submit_nocaps_val_e0.json") == index_ids(root / "nocaps.val.jsonl")
+    assert "CIDEr" in json.loads((out / "nocaps_result_val_e0.json").read_text())
+    assert main(flags + ["--eval"]) == 0
+    assert prediction_ids(out / "submit_nocaps_test.json") == index_ids(root / "nocaps.test.jsonl")
+    assert "EvalAI" in capsys.readouterr().out
