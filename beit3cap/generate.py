@@ -105,6 +105,8 @@ def generate(model: BEiT3ForCaptioning, images: torch.Tensor, *, num_beams: int 
     temperature and filtering, and include the EOS (or, at the length limit, the dropped word).
     """
     _check_args(model, images, num_beams, max_len, strategy, top_k, top_p, temperature, forbid_ids)
+    if images.shape[0] == 0:
+        return ([], []) if return_scores else []
     param = next(model.parameters())
     images = images.to(param.device, param.dtype if param.is_floating_point() else images.dtype)
     forbid = torch.tensor(sorted(set(int(i) for i in forbid_ids)), dtype=torch.long, device=param.device)

@@ -297,6 +297,11 @@ def test_autocast_bf16_runs_and_mostly_agrees():
     assert sum(a == b for a, b in zip(fp32, bf16)) >= 2
 
 
+def test_empty_batch():
+    model = tiny_model(0, 1.0, 0.0, dtype=torch.float32)
+    assert generate(model, torch.zeros(0, 3, 32, 32), mask_token_id=MASK, return_scores=True) == ([], [])
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(forbid_ids=(EOS_ID,)), "EOS"),
     (dict(forbid_ids=(VOCAB,)), "outside"),
