@@ -222,7 +222,7 @@ def _beam_search(model: BEiT3ForCaptioning, image_kv: ImageKV, beams: int, max_l
             break
         # Position (among the 3K candidates) of each image's k-th continuation; other slots land in column K.
         target = torch.where(cont & scanned, cont_before, beams)[live]
-        pick = torch.full((live.numel(), beams + 1), 0, dtype=torch.long, device=device)
+        pick = torch.zeros(live.numel(), beams + 1, dtype=torch.long, device=device)
         pick.scatter_(1, target, slots.expand(live.numel(), n_cand))
         pick = pick[:, :beams]
         src = (live[:, None] * beams + cand_beam[live].gather(1, pick)).view(-1)
