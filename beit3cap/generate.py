@@ -114,7 +114,7 @@ def generate(model: BEiT3ForCaptioning, images: torch.Tensor, *, num_beams: int 
            else contextlib.nullcontext())
     with torch.no_grad(), amp:
         # Contiguous once here, or every step's attention would copy the (transposed-view) image K/V.
-        image_kv = [(k.contiguous(), v.contiguous()) for k, v in model.encode_image(images)]
+        image_kv = model.encode_image(images)
         if strategy == "beam":
             best = _beam_search(model, image_kv, num_beams, max_len, length_penalty, mask_token_id, forbid)
         else:

@@ -435,7 +435,7 @@ class BEiT3ForCaptioning(nn.Module):
         kv = []
         for layer in self.beit3.encoder.layers:
             x, k, v = layer.image_kv_and_forward(x)
-            kv.append((k, v))
+            kv.append((k.contiguous(), v.contiguous()))  # read at every decoding step: pay the copy once
         return kv
 
     def new_cache(self, rows: int, max_len: int, like: torch.Tensor) -> TextKVCache:
