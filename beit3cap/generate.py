@@ -113,7 +113,6 @@ def generate(model: BEiT3ForCaptioning, images: torch.Tensor, *, num_beams: int 
     amp = (torch.autocast(param.device.type, dtype=amp_dtype) if amp_dtype is not None
            else contextlib.nullcontext())
     with torch.no_grad(), amp:
-        # Contiguous once here, or every step's attention would copy the (transposed-view) image K/V.
         image_kv = model.encode_image(images)
         if strategy == "beam":
             best = _beam_search(model, image_kv, num_beams, max_len, length_penalty, mask_token_id, forbid)
