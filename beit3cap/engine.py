@@ -149,7 +149,7 @@ class TrainLoop:
     logger: Any = None  # runlog.RunLogger on rank 0, else None
     nonfinite_in_a_row: int = 0
 
-    def _micro_step(self, batch: dict[str, torch.Tensor], global_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _micro_step(self, batch: dict[str, torch.Tensor], global_step: int) -> torch.Tensor:
         """Forward + backward of one micro-batch; returns the global [loss_sum, kept, correct, masked]."""
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         pos = batch["language_masked_pos"].bool()
@@ -169,7 +169,7 @@ class TrainLoop:
         if not getattr(self.stepper, "scales_by_accumulation", False):
             loss = loss / self.cfg.update_freq
         self.stepper.backward(loss)
-        return stats, loss.detach()
+        return stats
 
     def train_epoch(self, epoch: int, batches: Iterator[dict], start_step: int = 0,
                     on_step: Callable[[int, int], None] | None = None) -> EpochStats:
@@ -194,7 +194,7 @@ class TrainLoop:
             for micro in range(uf):
                 batch = next(batches)
                 with self.stepper.no_sync(micro == uf - 1):
-                    window += self._micro_step(batch, global_step)[0]
+                    window += self._micro_step(batch, global_step)
             loss_sum, kept, correct, masked = window.tolist()
             loss_finite = math.isfinite(loss_sum)
             result = self.stepper.step(loss_finite)
