@@ -147,9 +147,10 @@ class Trainer:
     """Builds data, optimizer and state, resumes, and runs the epochs with validation and checkpoints."""
 
     def __init__(self, cfg: TrainConfig, model: BEiT3ForCaptioning, tokenizer, env: RunEnv, ds) -> None:
-        from .data.dataset import CaptioningTrainDataset
+        from .data.dataset import CaptioningTrainDataset, collate
         from .data.transforms import build_transform
 
+        self.collate = collate
         self.cfg, self.model, self.tokenizer, self.env, self.ds = cfg, model, tokenizer, env, ds
         self.device, self.precision = env.device, env.precision
         train_index = require_index(cfg, TRAIN_INDEX, f"--task {cfg.task} trains on it")
@@ -231,6 +232,8 @@ class Trainer:
             start_epoch, start_step = point.epoch, point.step_in_epoch
             D.print0(f"Resumed from {point.path}: epoch {start_epoch}, step {start_step}")
         self.best = S.best_val_metric(cfg.output_dir, cfg.task, start_epoch) if cfg.output_dir else None
+        if start_epoch >= cfg.epochs:
+            D.print0(f"Nothing to train: the run is at epoch {start_epoch} of --epochs {cfg.epochs}")
 
         logger = None
         if D.is_main_process():
@@ -276,7 +279,7 @@ class Trainer:
         skip = start_step * cfg.update_freq * cfg.batch_size
         loader = DataLoader(self.dataset, batch_size=cfg.batch_size, sampler=SkipSampler(sampler, skip),
                             drop_last=True, num_workers=self.env.workers, pin_memory=self.env.pin,
-                            collate_fn=_collate(), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+                            collate_fn=self.collate, generator=torch.Generator().manual_seed(cfg.seed + epoch))
         return iter(loader)
 
     def _epoch(self, epoch: int, start_step: int, logger: RunLogger | None) -> None:
@@ -294,7 +297,7 @@ class Trainer:
         val_scores = None
         if self.val_index is not None:
             val_scores = predict_and_score(
-                self._bare(), cfg, self.tokenizer, self.val_index, f"{cfg.task}_val", f"{cfg.task}_val_e{epoch}",
+                self.model, cfg, self.tokenizer, self.val_index, f"{cfg.task}_val", f"{cfg.task}_val_e{epoch}",
                 f"{cfg.task}_result_val_e{epoch}.json", self.env, strict=False)
         cider = val_scores.get("CIDEr") if val_scores else None
         improved = isinstance(cider, (int, float)) and (self.best is None or cider > self.best)
@@ -361,20 +364,12 @@ class Trainer:
     def _write(self, path: Path, epoch: int, steps_done: int, rng) -> Path:
         from .checkpoint import save_checkpoint
 
-        payload = {"model": self._bare().state_dict(), "optimizer": self.optimizer.state_dict(),
+        payload = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                    "scaler": self.scaler.state_dict(), **self._client_state(epoch, steps_done, rng)}
         start = time.perf_counter()
         save_checkpoint(path, payload)
         D.print0(f"Saved {path} ({time.perf_counter() - start:.1f} s)")
         return path
-
-    def _bare(self) -> BEiT3ForCaptioning:
-        return self.model
-
-
-def _collate():
-    from .data.dataset import collate
-    return collate
 
 
 if __name__ == "__main__":
