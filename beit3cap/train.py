@@ -49,8 +49,9 @@ def predict_and_score(model: nn.Module, cfg: TrainConfig, tokenizer, index_file:
     """Caption every image of ``index_file`` once (sharded over ranks), write ``submit_{suffix}.json`` on
     rank 0 and, when the ground truth of ``split_key`` is found, score it into ``result_name``.
 
-    A scoring problem (no ground truth, mismatching ids, no Java) is an error when ``strict`` (--eval)
-    and a warning during training, where it must not end a long run.
+    Without a ground-truth file the predictions are only written (with a warning). A scoring failure
+    (mismatching ids, no Java, ...) is an error when ``strict`` (--eval) and a warning during training,
+    where it must not end a long run.
     """
     from . import evaluate as E
 
@@ -65,14 +66,14 @@ def predict_and_score(model: nn.Module, cfg: TrainConfig, tokenizer, index_file:
     if result_name is None:
         return None
     try:
-        gt = E.find_ground_truth(split_key, cfg.output_dir or None, cfg.data_path, required=strict)
+        gt = E.find_ground_truth(split_key, cfg.output_dir or None, cfg.data_path, required=False)
         if gt is None:
             D.warn(f"no ground truth for {split_key} in {out_dir} or {cfg.data_path} "
                    f"({E.ground_truth_name(split_key)}): {pred_file} is not scored")
             return None
         scores = E.score_predictions_file(pred_file, gt, allow_partial=cfg.allow_partial_eval,
                                           metrics=cfg.metric_names)
-    except Exception as e:  # FileNotFoundError, PredictionError, GroundTruthError, JavaNotFoundError, ...
+    except Exception as e:  # PredictionError, GroundTruthError, JavaNotFoundError, ...
         if strict:
             raise SystemExit(f"error: scoring {pred_file} failed: {e}") from None
         D.warn(f"scoring {pred_file} failed, training goes on: {type(e).__name__}: {e}")

@@ -226,10 +226,16 @@ def test_eval_captions_each_test_image_once_and_keeps_finetune(tmp_path, spm_pat
     result = json.loads((out / "coco_captioning_result.json").read_text())
     assert {"Bleu_4", "ROUGE_L", "CIDEr"} <= result.keys()
 
-    # Without --finetune, auto-resume picks the checkpoint and says so.
-    code, stdout, _ = run_here(tiny_flags(spm_path, tiny_vocab, only_test, out) + ["--eval", "--batch_size", "3"],
-                               capsys)
+    # Without --finetune, auto-resume picks the checkpoint and says so; without ground truth the
+    # predictions are written and not scored.
+    (only_test / "coco_karpathy_test_gt.json").unlink()
+    (out / "coco_captioning_result.json").unlink()
+    code, stdout, stderr = run_here(tiny_flags(spm_path, tiny_vocab, only_test, out) + ["--eval", "--batch_size", "3"],
+                                    capsys)
     assert code == 0 and f"Evaluating weights from {out / 'checkpoint-3.pth'}" in stdout
+    assert "no ground truth for coco_captioning_test" in stderr
+    assert not (out / "coco_captioning_result.json").exists()
+    assert prediction_ids(preds) == index_ids(data / "coco_captioning.test.jsonl")
 
 
 def test_training_validates_every_epoch_with_every_image_once(tmp_path, spm_path, tiny_vocab, data, capsys):
