@@ -197,11 +197,13 @@ class EncoderLayer(nn.Module):
         self.final_layer_norm = Multiway(nn.LayerNorm, cfg.embed_dim, eps=cfg.layernorm_eps)
         self.drop_path = drop_path
 
-    def forward(self, x_img: torch.Tensor | None, x_txt: torch.Tensor | None,
-                text_mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def forward(self, x_img: torch.Tensor | None, x_txt: torch.Tensor | None, text_mask: torch.Tensor | None,
+                image_output: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """x_img [B, Ni, D] or None; x_txt [B, T, D] or None.
 
         text_mask: bool [B, 1, T, Ni+T] (or [B, 1, T, T] without image), True = may attend.
+        image_output=False (last layer of a captioning pass): only the image keys/values are computed,
+        since nothing reads the image stream afterwards; returns (None, x_txt).
         """
         attn = self.self_attn
         batch = (x_img if x_img is not None else x_txt).shape[0]
@@ -209,17 +211,23 @@ class EncoderLayer(nn.Module):
 
         o_img = o_txt = None
         if x_img is not None:
-            q_i, k_i, v_i = attn.qkv(self.self_attn_layer_norm.A(x_img), "A")
-            o_img = attn.output(F.scaled_dot_product_attention(q_i, k_i, v_i), "A")
+            h_img = self.self_attn_layer_norm.A(x_img)
+            if image_output:
+                q_i, k_i, v_i = attn.qkv(h_img, "A")
+                o_img = attn.output(F.scaled_dot_product_attention(q_i, k_i, v_i), "A")
+            else:
+                k_i, v_i = attn._heads(attn.k_proj.A(h_img)), attn._heads(attn.v_proj.A(h_img))
+                x_img = None
         if x_txt is not None:
             q_t, k_t, v_t = attn.qkv(self.self_attn_layer_norm.B(x_txt), "B")
-            if x_img is not None:
+            if o_img is not None or not image_output:
                 k_t, v_t = torch.cat([k_i, k_t], dim=2), torch.cat([v_i, v_t], dim=2)
             o_txt = attn.output(F.scaled_dot_product_attention(q_t, k_t, v_t, attn_mask=text_mask), "B")
-        scale = _drop_path_scale(batch, rate, (x_img if x_img is not None else x_txt))
+        # One per-sample draw shared by both streams, as in the official joint sequence.
+        scale = _drop_path_scale(batch, rate, o_txt if o_txt is not None else o_img)
         x_img, x_txt = _apply(x_img, o_img, scale), _apply(x_txt, o_txt, scale)
 
-        scale = _drop_path_scale(batch, rate, (x_img if x_img is not None else x_txt))
+        scale = _drop_path_scale(batch, rate, x_txt if x_txt is not None else x_img)
         f_img = self.ffn.A(self.final_layer_norm.A(x_img)) if x_img is not None else None
         f_txt = self.ffn.B(self.final_layer_norm.B(x_txt)) if x_txt is not None else None
         return _apply(x_img, f_img, scale), _apply(x_txt, f_txt, scale)
@@ -304,13 +312,15 @@ class Encoder(nn.Module):
         self.layer_norm = Multiway(nn.LayerNorm, cfg.embed_dim, eps=cfg.layernorm_eps)
         self.grad_checkpointing = False
 
-    def forward(self, x_img: torch.Tensor | None, x_txt: torch.Tensor | None,
-                text_mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        for layer in self.layers:
+    def forward(self, x_img: torch.Tensor | None, x_txt: torch.Tensor | None, text_mask: torch.Tensor | None,
+                text_output_only: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            image_output = not (text_output_only and i == last and x_txt is not None)
             if self.grad_checkpointing and self.training:
-                x_img, x_txt = checkpoint(layer, x_img, x_txt, text_mask, use_reentrant=False)
+                x_img, x_txt = checkpoint(layer, x_img, x_txt, text_mask, image_output, use_reentrant=False)
             else:
-                x_img, x_txt = layer(x_img, x_txt, text_mask)
+                x_img, x_txt = layer(x_img, x_txt, text_mask, image_output)
         out_img = self.layer_norm.A(x_img) if x_img is not None else None
         out_txt = self.layer_norm.B(x_txt) if x_txt is not None else None
         return out_img, out_txt
@@ -336,13 +346,14 @@ class BEiT3(nn.Module):
         return x
 
     def forward(self, image: torch.Tensor | None = None, text_ids: torch.Tensor | None = None,
-                padding_mask: torch.Tensor | None = None,
-                causal_text: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                padding_mask: torch.Tensor | None = None, causal_text: bool = False,
+                text_output_only: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Encoder features (after the final Multiway LayerNorm) of the image and/or text tokens.
 
         image [B, 3, S, S]; text_ids [B, T]; padding_mask [B, T] with 1 = padding.
         With both inputs the image never attends to text (the captioning prefix-LM layout); the text
         attends to all image tokens and, if causal_text, to earlier text tokens and itself only.
+        text_output_only skips the image stream's last-layer work that only the image output needs.
         """
         if image is None and text_ids is None:
             raise ValueError("BEiT3.forward needs an image, text, or both")
@@ -353,7 +364,7 @@ class BEiT3(nn.Module):
             n_img = 0 if x_img is None else x_img.shape[1]
             text_mask = text_attention_mask(text_ids.shape[1], n_img, padding_mask, causal_text,
                                             text_ids.device)
-        return self.encoder(x_img, x_txt, text_mask)
+        return self.encoder(x_img, x_txt, text_mask, text_output_only)
 
 
 def text_attention_mask(t: int, n_img: int, padding_mask: torch.Tensor | None, causal: bool,
@@ -418,13 +429,13 @@ class BEiT3ForCaptioning(nn.Module):
         image [B, 3, S, S]; text_ids [B, T] (with <mask> substitutions); padding_mask [B, T] (1 = pad);
         language_masked_pos [B, T] (1 = predict this position).
         """
-        _, text = self.beit3(image, text_ids, padding_mask, causal_text=True)
+        _, text = self.beit3(image, text_ids, padding_mask, causal_text=True, text_output_only=True)
         return self.mlm_head(text[language_masked_pos.bool()])
 
     def caption_logits(self, image: torch.Tensor, text_ids: torch.Tensor,
                        padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, V] at every text position, recomputed from scratch (no cache)."""
-        _, text = self.beit3(image, text_ids, padding_mask, causal_text=True)
+        _, text = self.beit3(image, text_ids, padding_mask, causal_text=True, text_output_only=True)
         return self.mlm_head(text)
 
     # --- cached decoding --------------------------------------------------------------------------
