@@ -14,7 +14,6 @@ dataset when the iterator starts (so with ``persistent_workers=True`` they would
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 from array import array
@@ -27,6 +26,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..model import BOS_ID, EOS_ID, PAD_ID
+from .index import iter_index
 from .transforms import ImageLoadError, load_rgb_image
 
 Transform = Callable[[Image.Image], torch.Tensor]
@@ -105,27 +105,6 @@ def seeded_global_rngs(torch_seed: int, other_seed: int) -> Iterator[None]:
             random.setstate(py_state)
 
 
-def _iter_index(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, row) for each non-blank line of a JSONL index, with the fields checked."""
-    try:
-        f = path.open(encoding="utf-8")
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"index file not found: {path}") from e
-    with f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from e
-            if not isinstance(row, dict) or not isinstance(row.get("image_path"), str) \
-                    or type(row.get("image_id")) is not int:
-                raise ValueError(f"{path}:{line_no}: expected an object with a string 'image_path' and an "
-                                 f"integer 'image_id', got {line.strip()[:200]}")
-            yield line_no, row
-
-
 def _resolve(data_path: Path, path: str | os.PathLike) -> Path:
     return data_path / path  # an absolute ``path`` wins, as with os.path.join
 
@@ -166,7 +145,7 @@ class CaptioningTrainDataset(Dataset):
         tokens, token_ends = array("i"), array("q")
         image_ids, file_idx, lines = array("q"), array("i"), array("i")
         for f, index_file in enumerate(self.index_files):
-            for line_no, row in _iter_index(index_file):
+            for line_no, row in iter_index(index_file):
                 segment = row.get("text_segment")
                 if not isinstance(segment, list) or not segment:
                     what = "no text_segment" if segment is None else "an empty caption" \
@@ -251,7 +230,7 @@ class CaptioningEvalDataset(Dataset):
         self.index_file = _resolve(self.data_path, index_file)
         self.transform = transform
         self._rows: dict[int, tuple[str, int]] = {}  # image_id -> (image_path, line); dicts keep order
-        for line_no, row in _iter_index(self.index_file):
+        for line_no, row in iter_index(self.index_file):
             seen = self._rows.get(row["image_id"])
             if seen is None:
                 self._rows[row["image_id"]] = (row["image_path"], line_no)

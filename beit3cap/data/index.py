@@ -116,25 +116,36 @@ def _text_lines(path: Path, problems: _Problems) -> list[tuple[int, str]]:
     return out
 
 
-def read_index(path: str | os.PathLike) -> list[dict]:
-    """Rows of an index file, checked: a bad line raises :class:`DataError` naming file and line."""
+def iter_index(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """(line number, row) for each non-blank line of an index file, streamed and checked: a bad line raises
+    :class:`DataError` naming file and line."""
     path = Path(path)
-    rows = []
-    for n, line in _text_lines(path, _Problems(IndexSummary(), skip_bad=False)):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: malformed JSON ({e.msg})") from None
-        text = row.get("text_segment", 0) if isinstance(row, dict) else 0
-        if (not isinstance(row, dict) or not isinstance(row.get("image_path"), str)
-                or not isinstance(row.get("image_id"), int)
-                or not (text is None or (isinstance(text, list) and all(isinstance(i, int) for i in text)))):
-            raise DataError(f"{path}:{n}: expected {{\"image_path\": str, \"text_segment\": [int] or null, "
-                            f"\"image_id\": int}}, got {line[:120]}")
-        rows.append(row)
-    return rows
+    if not path.is_file():
+        raise FileNotFoundError(f"index file not found: {path}")
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{n}: not UTF-8 text ({e.reason} at column {e.start + 1})") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: malformed JSON ({e.msg})") from None
+            text = row.get("text_segment", 0) if isinstance(row, dict) else 0
+            if (not isinstance(row, dict) or not isinstance(row.get("image_path"), str)
+                    or type(row.get("image_id")) is not int
+                    or not (text is None or (isinstance(text, list) and all(type(i) is int for i in text)))):
+                raise DataError(f"{path}:{n}: expected {{\"image_path\": str, \"text_segment\": [int] or null, "
+                                f"\"image_id\": int}}, got {line.strip()[:120]}")
+            yield n, row
+
+
+def read_index(path: str | os.PathLike) -> list[dict]:
+    """All rows of an index file (see :func:`iter_index`)."""
+    return [row for _, row in iter_index(path)]
 
 
 # --------------------------------------------------------------------------------------------- writing
