@@ -58,6 +58,7 @@ class TrainConfig:
     data_path: str = ""
     randaug: bool = False
     hflip: bool = True
+    train_crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
     train_interpolation: str = "bicubic"
     captioning_mask_prob: float = 0.6
     num_workers: int = 10
@@ -183,6 +184,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--train_interpolation", type=str, default="bicubic")
     g.add_argument("--no_hflip", dest="hflip", action="store_false", default=True,
                    help="no random horizontal flip in training (keeps left/right in captions right)")
+    g.add_argument("--train_crop_scale", type=float, nargs=2, default=[0.5, 1.0], metavar=("MIN", "MAX"),
+                   help="area range of the training random crop (official 0.5 1.0; 1 1 keeps the whole image, "
+                        "for captions that count objects or say where they are)")
     g.add_argument("--captioning_mask_prob", type=float, default=0.6)
     g.add_argument("--num_workers", default=10, type=int, help="data-loading workers per process")
     _bool_pair(g, "pin_mem", True, "pin host memory for faster GPU copies")
@@ -272,6 +276,8 @@ def config_from_args(ns: argparse.Namespace) -> TrainConfig:
         raise SystemExit(f"error: --drop_worst_ratio must be in [0, 1), got {ns.drop_worst_ratio}")
     if not 0.0 <= ns.label_smoothing < 1.0:
         raise SystemExit(f"error: --label_smoothing must be in [0, 1), got {ns.label_smoothing}")
+    if not 0.0 < ns.train_crop_scale[0] <= ns.train_crop_scale[1] <= 1.0:
+        raise SystemExit(f"error: --train_crop_scale needs 0 < MIN <= MAX <= 1, got {ns.train_crop_scale}")
     if len(ns.opt_betas) != 2:
         raise SystemExit(f"error: --opt_betas takes two numbers, got {ns.opt_betas}")
     if ns.gen_max_len is not None and ns.gen_max_len < 3:

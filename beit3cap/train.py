@@ -161,7 +161,8 @@ class Trainer:
             self.val_index = None
         self.dataset = CaptioningTrainDataset(
             cfg.data_path, [train_index],
-            build_transform(True, cfg.input_size, cfg.randaug, cfg.hflip, cfg.train_interpolation),
+            build_transform(True, cfg.input_size, cfg.randaug, cfg.hflip, cfg.train_interpolation,
+                            tuple(cfg.train_crop_scale)),
             cfg.num_max_bpe_tokens, cfg.captioning_mask_prob, tokenizer.mask_token_id, tokenizer.vocab_size,
             seed=cfg.seed)
         world = D.get_world_size()

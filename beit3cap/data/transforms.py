@@ -78,23 +78,27 @@ def _to_normalized_tensor() -> list:
 
 
 def build_transform(is_train: bool, input_size: int, randaug: bool = False, hflip: bool = True,
-                    train_interpolation: str = "bicubic") -> v2.Compose:
+                    train_interpolation: str = "bicubic",
+                    crop_scale: tuple[float, float] = (0.5, 1.0)) -> v2.Compose:
     """The official image pipeline; takes an RGB PIL image, returns a float tensor [3, S, S] in [-1, 1].
 
     ``hflip`` (training only) defaults to on for COCO parity; turn it off when captions talk about left
     and right (e.g. WTS), since a flip makes them wrong. ``train_interpolation`` is the resize filter of
     the random crop: bicubic (default), bilinear, nearest, lanczos, box, hamming, or "random" (bilinear or
-    bicubic per image, like timm).
+    bicubic per image, like timm). ``crop_scale`` is the random crop's area range (official 0.5-1); (1, 1)
+    keeps the whole image, for captions that count objects or name where they are.
     """
     if input_size < 1:
         raise ValueError(f"input_size must be positive, got {input_size}")
+    if not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0:
+        raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {tuple(crop_scale)}")
     if not is_train:
         resize = v2.Resize((input_size, input_size), interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
         return v2.Compose([resize, *_to_normalized_tensor()])
 
     def crop(mode: v2.InterpolationMode) -> v2.RandomResizedCrop:
-        return v2.RandomResizedCrop(input_size, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3), interpolation=mode,
-                                    antialias=True)
+        return v2.RandomResizedCrop(input_size, scale=tuple(crop_scale), ratio=(3 / 4, 4 / 3),
+                                    interpolation=mode, antialias=True)
 
     if train_interpolation == "random":
         steps: list = [v2.RandomChoice([crop(v2.InterpolationMode.BILINEAR), crop(v2.InterpolationMode.BICUBIC)])]
