@@ -49,6 +49,8 @@ PAGE_HTML = r"""<!doctype html>
   #cards { display:grid; grid-template-columns:repeat(auto-fill, minmax(13rem, 1fr)); gap:1rem; }
   .card { background:#fff; border:1px solid var(--line); border-radius:8px; overflow:hidden; }
   .card img { display:block; width:100%; height:11rem; object-fit:contain; background:#eceef3; }
+  .card .nopreview { height:11rem; display:flex; align-items:center; justify-content:center; background:#eceef3;
+                     color:var(--muted); font-size:.85rem; }
   .card .name { font-size:.78rem; color:var(--muted); padding:.45rem .7rem 0; overflow-wrap:anywhere; }
   .card .caption { padding:.2rem .7rem .7rem; min-height:2.2em; }
   .card[data-state=pending] .caption { color:var(--muted); font-style:italic; }
@@ -147,9 +149,16 @@ function addFiles(files) {
     const card = document.createElement("figure");
     card.className = "card";
     card.style.margin = "0";
-    const img = document.createElement("img");
-    img.alt = file.name;
-    if (file.type.startsWith("image/")) img.src = URL.createObjectURL(file);
+    let img;
+    if (file.type.startsWith("image/")) {
+      img = document.createElement("img");
+      img.alt = file.name;
+      img.src = URL.createObjectURL(file);
+    } else {
+      img = document.createElement("div");
+      img.className = "nopreview";
+      img.textContent = "no preview";
+    }
     const name = document.createElement("div");
     name.className = "name"; name.textContent = file.name;
     const cap = document.createElement("figcaption");
@@ -173,17 +182,19 @@ async function sendChunk(chunk, fields) {
     data = await reply.json();
   } catch (e) {
     for (const it of chunk) setCard(it.card, "error", "no answer from the server");
-    return "no answer from the server";
+    return { captioned: 0, problem: "no answer from the server" };
   }
   if (!reply.ok) {
-    for (const it of chunk) setCard(it.card, "error", data.error || `HTTP ${reply.status}`);
-    return data.error || `HTTP ${reply.status}`;
+    const why = data.error || `HTTP ${reply.status}`;
+    for (const it of chunk) setCard(it.card, "error", why);
+    return { captioned: 0, problem: why };
   }
+  let captioned = 0;
   data.results.forEach((res, i) => {
     if (res.error) setCard(chunk[i].card, "error", res.error);
-    else setCard(chunk[i].card, "done", res.caption === "" ? "(empty caption)" : res.caption);
+    else { setCard(chunk[i].card, "done", res.caption === "" ? "(empty caption)" : res.caption); captioned++; }
   });
-  return null;
+  return { captioned, problem: null };
 }
 
 async function caption(batch) {
@@ -195,22 +206,29 @@ async function caption(batch) {
     else { setCard(it.card, "pending", "captioning\u2026"); send.push(it); }
   }
   if (!send.length) return;
-  setStatus(`Captioning ${send.length} image${send.length > 1 ? "s" : ""}\u2026`);
+  setStatus(`Captioning ${plural(send.length, "image")}\u2026`);
   $("run").disabled = true;
   const t0 = performance.now();
   const chunks = [];
   for (let i = 0; i < send.length; i += limits.max_images) chunks.push(send.slice(i, i + limits.max_images));
-  const problems = (await Promise.all(chunks.map((c) => sendChunk(c, fields)))).filter(Boolean);
+  const replies = await Promise.all(chunks.map((c) => sendChunk(c, fields)));
   const secs = ((performance.now() - t0) / 1000).toFixed(2);
+  const captioned = replies.reduce((n, r) => n + r.captioned, 0);
+  const problem = replies.map((r) => r.problem).find(Boolean);
   $("run").disabled = items.length === 0;
-  if (problems.length) setStatus(problems[0], true);
-  else setStatus(`Captioned ${send.length} image${send.length > 1 ? "s" : ""} in ${secs} s.`);
+  const done = captioned === send.length ? `Captioned ${plural(captioned, "image")}`
+                                         : `Captioned ${captioned} of ${plural(send.length, "image")}`;
+  setStatus(problem && !captioned ? problem : `${done} in ${secs} s.`, !!problem && !captioned);
+}
+
+function plural(n, word) {
+  return `${n} ${word}${n === 1 ? "" : "s"}`;
 }
 
 form.addEventListener("submit", (e) => { e.preventDefault(); if (items.length) caption(items); });
 form.addEventListener("change", (e) => { if (e.target.id === "sample") syncSampling(); });
 $("clear").addEventListener("click", () => {
-  for (const it of items) { const img = it.card.querySelector("img"); if (img.src) URL.revokeObjectURL(img.src); }
+  for (const it of items) { const img = it.card.querySelector("img"); if (img) URL.revokeObjectURL(img.src); }
   items = []; cardsBox.replaceChildren(); setStatus("");
   $("run").disabled = $("clear").disabled = true;
 });

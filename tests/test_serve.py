@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
+import json
 import os
 import shutil
 import socket
@@ -14,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -328,14 +331,12 @@ def test_cli_refuses_to_start_without_a_model(tmp_path, checkpoint):
     assert bad.returncode == 2 and "nope.pth" in bad.stderr
 
 
-@pytest.fixture
-def served_cli(checkpoint, spm_path):
-    """`beit3cap serve` in a subprocess on a free 127.0.0.1 port; yields its base URL."""
+@contextlib.contextmanager
+def _serving(*args: str) -> Iterator[str]:
+    """`beit3cap serve ARGS` in a subprocess on a free 127.0.0.1 port; yields its base URL once ready."""
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "beit3cap", "serve", "--checkpoint", str(checkpoint),
-                             "--sentencepiece_model", str(spm_path), "--port", str(port), "--max_len", "12",
-                             "--log_level", "warning"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen([sys.executable, "-m", "beit3cap", "serve", *args, "--port", str(port),
+                             "--log_level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -356,6 +357,33 @@ def served_cli(checkpoint, spm_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_cli_demo_without_a_demo_run_says_to_run_the_demo(tmp_path):
+    reply = _run_cli("--demo", "--demo_dir", str(tmp_path / "nothing"))
+    assert reply.returncode == 2
+    assert f"run `beit3cap demo --out {tmp_path / 'nothing'}` first" in reply.stderr
+
+
+def test_cli_demo_serves_the_model_of_a_demo_run(tmp_path, checkpoint, spm_path, captioner):
+    """The layout `beit3cap demo --out DIR` leaves: data/demo.spm, run/checkpoint-best.pth, demo.json."""
+    demo = tmp_path / "demo"
+    (demo / "run").mkdir(parents=True)
+    (demo / "data").mkdir()
+    shutil.copy(checkpoint, demo / "run" / "checkpoint-best.pth")
+    shutil.copy(spm_path, demo / "data" / "demo.spm")
+    (demo / "demo.json").write_text(json.dumps({"plan": {"max_tokens": 14}}))
+    with _serving("--demo", "--demo_dir", str(demo)) as base, httpx.Client(base_url=base, timeout=60) as api:
+        health = api.get("/health").json()
+        assert health["model"] == MODEL and health["defaults"]["max_len"] == 14  # the demo's text length
+        reply = post_files(api, [("a.png", noise_png(400))]).json()
+    assert reply["results"][0]["caption"] == captioner.caption([as_image(noise_png(400))], max_len=14)[0]
+
+
+@pytest.fixture
+def served_cli(checkpoint, spm_path):
+    with _serving("--checkpoint", str(checkpoint), "--sentencepiece_model", str(spm_path), "--max_len", "12") as base:
+        yield base
 
 
 def _chrome(profile: Path):
@@ -415,6 +443,10 @@ def test_page_in_headless_chromium_captions_an_uploaded_png(served_cli, tmp_path
         driver.find_element(By.ID, "files").send_keys(str(notes))
         bad = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".card[data-state=error]"))
         assert "not an image" in bad.find_element(By.CSS_SELECTOR, ".caption").text
+        status = driver.find_element(By.ID, "status")
+        assert "notes.txt" in status.text and "bad" in status.get_attribute("class")
+        assert driver.find_element(By.CSS_SELECTOR, ".card[data-state=done] .caption").get_property(
+            "textContent") == short  # the first card keeps its caption
         if os.environ.get("BEIT3CAP_SCREENSHOT"):
             driver.save_screenshot(os.environ["BEIT3CAP_SCREENSHOT"])
     finally:

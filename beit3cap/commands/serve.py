@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import sys
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve the model trained by `beit3cap demo` (for whichever of --checkpoint and "
                         "--sentencepiece_model is not given)")
     p.add_argument("--demo_dir", "--demo-dir", dest="demo_dir", default=None,
-                   help="the output folder of `beit3cap demo` (default: its default output folder)")
+                   help="the folder `beit3cap demo --out` wrote (default: the demo's default, ./beit3cap-demo)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--amp", choices=AMP_CHOICES, default="none", help="autocast precision for the model")
     p.add_argument("--host", default="127.0.0.1",
@@ -49,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long a request waits for others to share its model call (default %(default)s)")
     p.add_argument("--num_beams", "--num-beams", dest="num_beams", type=int, default=3,
                    help="default for requests that do not set it (default %(default)s)")
-    p.add_argument("--max_len", "--max-len", dest="max_len", type=int, default=32,
-                   help="default text length budget: at most max_len - 3 words (default %(default)s)")
+    p.add_argument("--max_len", "--max-len", dest="max_len", type=int, default=None,
+                   help="default text length budget: at most max_len - 3 words (default: 32, or the demo's own "
+                        "text length with --demo)")
     p.add_argument("--length_penalty", "--length-penalty", dest="length_penalty", type=float, default=0.6)
     p.add_argument("--forbid_special", "--forbid-special", dest="forbid_special", action="store_true",
                    help="never emit BOS/PAD/UNK/MASK or unused vocabulary rows (the official decoder may)")
@@ -59,27 +61,43 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _demo_files(demo_dir: str | None) -> tuple[Path, Path, Path]:
-    """(checkpoint, sentencepiece model, folder) written by ``beit3cap demo``."""
-    from ..demo import DEFAULT_OUTPUT_DIR, demo_model_files
+def _demo_model(demo_dir: str | None) -> tuple[Path, Path, Path, int | None]:
+    """(checkpoint, sentencepiece model, folder, training text length) of a ``beit3cap demo`` run.
 
-    folder = Path(demo_dir) if demo_dir else DEFAULT_OUTPUT_DIR
-    checkpoint, spm = demo_model_files(folder)
-    return checkpoint, spm, folder
+    The demo writes ``data/demo.spm``, ``run/checkpoint-best.pth`` (or ``run/checkpoint-N.pth``) and, last,
+    ``demo.json`` with its plan, whose text length is the demo's own evaluation ``max_len``."""
+    from ..demo import MARKER, default_out_dir
+
+    folder = Path(demo_dir) if demo_dir else default_out_dir()
+    run = folder / "run"
+    checkpoint = run / "checkpoint-best.pth"
+    if not checkpoint.is_file():
+        epochs = [p for p in run.glob("checkpoint-*.pth") if p.stem.split("-")[-1].isdigit()]
+        checkpoint = max(epochs, key=lambda p: int(p.stem.split("-")[-1]), default=checkpoint)
+    max_len = None
+    try:
+        max_len = int(json.loads((folder / MARKER).read_text(encoding="utf-8"))["plan"]["max_tokens"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # an interrupted or older run: the usual default applies
+    return checkpoint, folder / "data" / "demo.spm", folder, max_len
 
 
 def _resolve_model_files(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[str, str]:
+    """The checkpoint and sentencepiece model to serve. With --demo and no --max_len, args.max_len becomes
+    the demo's own text length."""
     if args.checkpoint and args.spm:
         return args.checkpoint, args.spm
     if not args.demo:
         parser.error("give --checkpoint and --sentencepiece_model, or --demo to serve the model of "
                      "`beit3cap demo`")
-    checkpoint, spm, folder = _demo_files(args.demo_dir)
-    missing = [str(p) for p, given in ((checkpoint, args.checkpoint), (spm, args.spm)) if not given and not p.exists()]
+    checkpoint, spm, folder, max_len = _demo_model(args.demo_dir)
+    missing = [str(p) for p, given in ((checkpoint, args.checkpoint), (spm, args.spm)) if not given and not p.is_file()]
     if missing:
-        where = f" --output_dir {folder}" if args.demo_dir else ""
-        raise FileNotFoundError(f"no demo model in {folder} (missing {', '.join(missing)}): run "
+        where = f" --out {folder}" if args.demo_dir else ""
+        raise FileNotFoundError(f"no trained demo model in {folder} (missing {', '.join(missing)}): run "
                                 f"`beit3cap demo{where}` first, or pass --checkpoint and --sentencepiece_model")
+    if args.max_len is None and not args.checkpoint:
+        args.max_len = max_len
     return args.checkpoint or str(checkpoint), args.spm or str(spm)
 
 
@@ -127,7 +145,7 @@ def main(argv: list[str]) -> int:
     try:
         captioner = Captioner.from_checkpoint(checkpoint, spm, args.model, device=args.device,
                                               forbid_special=args.forbid_special, amp_dtype=amp)
-        defaults = CaptionSettings(num_beams=args.num_beams, max_len=args.max_len,
+        defaults = CaptionSettings(num_beams=args.num_beams, max_len=args.max_len or 32,
                                    length_penalty=args.length_penalty)
         app = create_app(captioner, max_upload_mb=args.max_upload_mb, max_images=args.max_images,
                          max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, defaults=defaults,
