@@ -188,19 +188,25 @@ async def read_json(request: Request, limits: Limits) -> tuple[list[tuple[str, b
     return out, body
 
 
+def describe_settings_error(exc: ValidationError, prefix: str = "") -> str:
+    """One line per bad setting: ``name: what is wrong (got value)``."""
+    problems = []
+    for err in exc.errors():
+        field = prefix + (".".join(str(p) for p in err["loc"]) or "settings")
+        if err["type"] == "extra_forbidden":
+            problems.append(f"{field}: unknown setting")
+        else:
+            problems.append(f"{field}: {err['msg']} (got {err['input']!r})")
+    return "; ".join(problems)
+
+
 def parse_settings(raw: dict[str, Any], limits: Limits, defaults: CaptionSettings) -> CaptionSettings:
     """Validate decoding settings (form strings or JSON values) over the server's defaults; ApiError 422
     says what is wrong."""
     try:
         settings = CaptionSettings.model_validate({**defaults.model_dump(), **raw})
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            field = ".".join(str(p) for p in err["loc"]) or "settings"
-            got = f" (got {err['input']!r})" if err["type"] != "extra_forbidden" else ""
-            msg = "unknown setting" if err["type"] == "extra_forbidden" else err["msg"]
-            problems.append(f"{field}: {msg}{got}")
-        raise ApiError(422, "bad settings: " + "; ".join(problems)) from exc
+        raise ApiError(422, "bad settings: " + describe_settings_error(exc)) from exc
     if settings.max_len > limits.max_len:
         raise ApiError(422, f"bad settings: max_len: must be at most {limits.max_len} on this server "
                             f"(got {settings.max_len})")

@@ -324,11 +324,16 @@ def _run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
                           timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def test_cli_refuses_to_start_without_a_model(tmp_path, checkpoint):
+def test_cli_refuses_to_start_without_a_model_or_with_bad_defaults(tmp_path, checkpoint, spm_path):
     missing = _run_cli()
     assert missing.returncode == 2 and "--checkpoint" in missing.stderr and "--demo" in missing.stderr
     bad = _run_cli("--checkpoint", str(tmp_path / "nope.pth"), "--sentencepiece_model", str(tmp_path / "x.spm"))
     assert bad.returncode == 2 and "nope.pth" in bad.stderr
+    settings = _run_cli("--checkpoint", str(checkpoint), "--sentencepiece_model", str(spm_path), "--num_beams", "0",
+                        "--length_penalty", "nan")
+    assert settings.returncode == 2
+    assert "--num_beams: " in settings.stderr and "--length_penalty: " in settings.stderr
+    assert "Traceback" not in settings.stderr
 
 
 @contextlib.contextmanager

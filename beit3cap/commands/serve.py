@@ -5,8 +5,8 @@
 
 The model loads once, before the server starts listening. Endpoints: ``/`` (the page), ``POST /caption``,
 ``GET /health``, ``/openapi.json`` and ``/docs``. The server binds to 127.0.0.1 unless ``--host`` says
-otherwise. Exit status: 2 for bad arguments or a checkpoint that cannot be loaded, 1 if the server could
-not start (e.g. the port is taken).
+otherwise. Exit status: 2 for bad arguments or a checkpoint that cannot be loaded, 3 if the server could
+not start (e.g. the port is taken; uvicorn's start-up failure code).
 """
 
 from __future__ import annotations
@@ -136,17 +136,22 @@ def main(argv: list[str]) -> int:
     # Imported here so `--help` and argument errors stay instant.
     import torch
     import uvicorn
+    from pydantic import ValidationError
 
     from ..captioner import Captioner
     from ..serve import create_app
-    from ..serve_requests import CaptionSettings
+    from ..serve_requests import CaptionSettings, describe_settings_error
 
+    try:
+        defaults = CaptionSettings(num_beams=args.num_beams, max_len=args.max_len or 32,
+                                   length_penalty=args.length_penalty)
+    except ValidationError as e:
+        print(f"beit3cap serve: error: {describe_settings_error(e, prefix='--')}", file=sys.stderr)
+        return 2
     amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     try:
         captioner = Captioner.from_checkpoint(checkpoint, spm, args.model, device=args.device,
                                               forbid_special=args.forbid_special, amp_dtype=amp)
-        defaults = CaptionSettings(num_beams=args.num_beams, max_len=args.max_len or 32,
-                                   length_penalty=args.length_penalty)
         app = create_app(captioner, max_upload_mb=args.max_upload_mb, max_images=args.max_images,
                          max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, defaults=defaults,
                          model_name=args.model)
