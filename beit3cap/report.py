@@ -51,6 +51,7 @@ class ReportData:
     machine: list[tuple[str, str]]
     notes: dict[str, str] = field(default_factory=dict)  # metric key -> why it is missing
     n_test: int = 0
+    attributes: list[tuple[str, float, float]] = field(default_factory=list)  # (name, model, blind) accuracy
     blind_description: str = "every test image replaced by one uniform grey image"
     title: str = "beit3cap demo report"
 
@@ -142,10 +143,10 @@ _CSS = """
 body { font-family: system-ui, -apple-system, Segoe UI, Roboto, sans-serif; margin: 2em auto; max-width: 1200px;
        padding: 0 1em; color: #222; line-height: 1.4; }
 h1 { margin-bottom: 0.2em; } h2 { margin-top: 1.6em; border-bottom: 1px solid #ddd; padding-bottom: 0.2em; }
-table { border-collapse: collapse; margin: 0.5em 0; } th, td { border: 1px solid #ccc; padding: 0.3em 0.7em; }
+table { border-collapse: collapse; margin: 0.5em 0; } td.muted { max-width: 36em; } th, td { border: 1px solid #ccc; padding: 0.3em 0.7em; }
 th { background: #f3f3f3; text-align: left; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .headline { font-size: 1.15em; background: #f2f7ff; border-left: 4px solid #1f4e8c; padding: 0.6em 1em; }
-.plots img { max-width: 100%; margin-right: 1em; }
+.plots { display: flex; flex-wrap: wrap; gap: 1em; } .plots img { max-width: calc(50% - 0.5em); min-width: 420px; }
 .grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(360px, 1fr)); gap: 1em; }
 .card { display: flex; gap: 0.8em; border: 1px solid #ddd; border-radius: 6px; padding: 0.6em; }
 .card img { width: 128px; height: 128px; image-rendering: pixelated; flex: none; border: 1px solid #bbb; }
@@ -189,6 +190,15 @@ def _metrics_table(data: ReportData) -> str:
             + "".join(body) + "</table>")
 
 
+def _attributes_table(rows: Sequence[tuple[str, float, float]]) -> str:
+    if not rows:
+        return ""
+    body = "".join(f"<tr><th>{_e(name)}</th><td class=num>{100 * model:.0f} %</td><td class=num>{100 * blind:.0f} %"
+                   f"</td></tr>" for name, model, blind in rows)
+    return ("<p>Test images whose caption names each drawn attribute correctly:</p><table id=attributes><tr>"
+            "<th>attribute</th><th>model</th><th>image-blind baseline</th></tr>" + body + "</table>")
+
+
 def _example_cards(examples: Sequence[Example]) -> str:
     cards = []
     for ex in examples:
@@ -223,6 +233,7 @@ with beam search and the COCO caption metrics.</p>
 {_metrics_table(data)}
 <p class=muted>Scores as pycocoevalcap reports them (CIDEr-D on the 0–10 scale, the others 0–1), after PTB
 tokenization. The image-blind baseline shows how much of the score the text prior alone earns.</p>
+{_attributes_table(data.attributes)}
 
 <h2>Training curves</h2>
 <div class=plots><img src="{_data_uri(loss_png)}" alt="training loss curve">

@@ -90,3 +90,11 @@ def test_cider_plot_with_and_without_baseline(tmp_path, blind):
     out = plot_val_cider([{"epoch": 0, "val_CIDEr": 1.0}, {"epoch": 1}], tmp_path / "c.png", blind, 1.2)
     with Image.open(out) as im:
         assert im.size == (640, 360)
+
+
+def test_attribute_table(tmp_path):
+    page = write_report(_data(attributes=[("colour", 0.95, 0.17), ("background", 1.0, 1 / 3)]),
+                        tmp_path).read_text(encoding="utf-8")
+    assert "<tr><th>colour</th><td class=num>95 %</td><td class=num>17 %</td></tr>" in page
+    assert "<th>background</th><td class=num>100 %</td><td class=num>33 %</td>" in page
+    assert "<table id=attributes>" not in write_report(_data(), tmp_path / "b").read_text(encoding="utf-8")
