@@ -18,10 +18,11 @@ from beit3cap.demo import (ATTRIBUTES, DEFAULT_PLAN, MARKER, QUICK_PLAN, attribu
                            prepare_output, resolve_plan, scene_attributes)
 from beit3cap.demo.attributes import scene_truth
 
-# A model that ignores the pixels, or a broken pipeline, stays below these (docs/readme/demo.md has the
-# measured values: about 1.0 for --quick, 0.2-0.6 for the image-blind baseline).
-QUICK_MIN_CIDER = 0.7
-QUICK_MIN_GAIN_OVER_BLIND = 0.1
+# A model that ignores the pixels, or a broken pipeline, stays below these. Measured over seeds 42, 1, 2, 3
+# (docs/readme/demo.md): test CIDEr-D 1.00-1.14, image-blind baseline 0.64-0.74 (gain 0.30-0.50),
+# background named right 100 % (blind 31-40 %), shape colour 43-52 % (blind: one colour, ~17 %).
+QUICK_MIN_CIDER = 0.85
+QUICK_MIN_GAIN_OVER_BLIND = 0.2
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +43,7 @@ def test_quick_demo_learns_from_the_pixels(quick_run):
     # Even the one-minute model reads the background off the pixels; the blind baseline cannot.
     assert summary["attributes"]["background"] >= 0.9, summary["attributes"]
     assert summary["blind_attributes"]["background"] < 0.7, summary["blind_attributes"]
+    assert summary["attributes"]["colour"] >= 0.3, summary["attributes"]
     for key in ("Bleu_4", "METEOR", "ROUGE_L"):
         assert 0.0 < summary["metrics"][key] <= 1.0
     # The training went through the official entry point with the demo's flags and logged every step.
