@@ -143,7 +143,8 @@ _CSS = """
 body { font-family: system-ui, -apple-system, Segoe UI, Roboto, sans-serif; margin: 2em auto; max-width: 1200px;
        padding: 0 1em; color: #222; line-height: 1.4; }
 h1 { margin-bottom: 0.2em; } h2 { margin-top: 1.6em; border-bottom: 1px solid #ddd; padding-bottom: 0.2em; }
-table { border-collapse: collapse; margin: 0.5em 0; } td.muted { max-width: 36em; } th, td { border: 1px solid #ccc; padding: 0.3em 0.7em; }
+table { border-collapse: collapse; margin: 0.5em 0; } td.muted { max-width: 36em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.7em; }
 th { background: #f3f3f3; text-align: left; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .headline { font-size: 1.15em; background: #f2f7ff; border-left: 4px solid #1f4e8c; padding: 0.6em 1em; }
 .plots { display: flex; flex-wrap: wrap; gap: 1em; } .plots img { max-width: calc(50% - 0.5em); min-width: 420px; }

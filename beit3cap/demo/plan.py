@@ -57,7 +57,8 @@ class DemoPlan:
         return [
             "--model", self.model, "--input_size", str(self.image_size), "--task", TASK,
             "--batch_size", str(self.batch_size), "--layer_decay", "1.0", "--lr", f"{self.lr:g}",
-            "--min_lr", f"{self.min_lr:g}", "--epochs", str(self.epochs), "--warmup_epochs", "0", "--warmup_steps", str(self.warmup_steps),
+            "--min_lr", f"{self.min_lr:g}", "--epochs", str(self.epochs), "--warmup_epochs", "0",
+            "--warmup_steps", str(self.warmup_steps),
             "--drop_path", "0.0", "--sentencepiece_model", str(spm), "--vocab_size", str(vocab_size),
             "--data_path", str(data), "--output_dir", str(run), "--weight_decay", "0.05",
             "--seed", str(self.seed), "--save_ckpt_freq", str(self.epochs),
