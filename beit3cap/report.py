@@ -124,7 +124,8 @@ def plot_val_cider(epoch_log: Sequence[dict], path: str | Path, blind_cider: flo
     else:
         ax.text(0.5, 0.5, "no validation scores", ha="center", va="center", transform=ax.transAxes)
     if test_cider is not None:
-        ax.axhline(test_cider, color="#2e8b57", linestyle=":", linewidth=1.5, label="test CIDEr-D (final)")
+        ax.axhline(test_cider, color="#2e8b57", linestyle=":", linewidth=1.5,
+                   label="test CIDEr-D (evaluated weights)")
     if blind_cider is not None:
         ax.axhline(blind_cider, color="#b03a2e", linestyle="--", linewidth=1.5,
                    label="image-blind baseline (test)")

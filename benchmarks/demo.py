@@ -34,7 +34,7 @@ def run_once(kind: str, out: Path) -> dict:
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}")
     summary = json.loads((out / "demo.json").read_text())
-    training = next(s for name, s in summary["timings"].items() if name.startswith("training"))
+    training = next(s for name, s in summary["timings"].items() if name.startswith("training beit3"))
     plan = summary["plan"]
     return {"run": kind, "wall": wall, "training": training, "cider": summary["metrics"]["CIDEr"],
             "blind": summary["blind_metrics"]["CIDEr"], "load": load,
@@ -63,8 +63,8 @@ def main() -> None:
               for r in rows]
     body = "\n".join([machine_summary(), "",
                       "Whole runs in a fresh process (`python -m beit3cap.cli demo`), from interpreter start to "
-                      "exit; 100 test images for the default run, 50 for --quick; blind = the same model given "
-                      "one grey image for every test image.", "", *table])
+                      "exit; 100 held-out test images; blind = the same model given one grey image for every "
+                      "test image. The plans are deterministic: the same machine gives the same scores.", "", *table])
     print(body)
     append_section("Demo (beit3cap demo)", body)
 

@@ -1,12 +1,12 @@
 """What a demo run trains: data sizes and the training recipe, fixed plans and plans fitted to a budget.
 
-The recipe, found by experiment on the 2-core project machine (docs/readme/demo.md): ``beit3_mini_patch16_64``
-(128-dim, 4 layers, 16 image tokens) trained from scratch with batch 32, AdamW lr 1e-3 after a 60-step
-warm-up, cosine decay, mask probability 0.6, 18 text tokens, and no horizontal flip and no random crop
-(the captions say where the shapes are and how many there are). Wider, shallower or narrower models,
-smaller or larger images, bigger learning rates, smaller batches and heavier masking all learned slower
-per second of CPU. The model first learns the wording and the background, then (after some 500-900 steps)
-the shapes' colour and size, then count, position and shape.
+The recipe, found by experiment on the 2-core project machine (docs/readme/demo.md has the numbers):
+``beit3_mini_patch16_64`` (128-dim, 4 layers, 16 image tokens) trained from scratch with batch 32, AdamW at
+lr 5e-4 after a 60-step warm-up, mask probability 0.6, 16 text tokens, no horizontal flip and no random
+crop (the captions say where the shapes are and how many there are). Higher or lower learning rates,
+wider, narrower or shallower models, 32 px images, batch 64 and heavier masking all learned slower per
+second of CPU. The model first learns the wording and the background, then (after 300-800 steps) the
+shapes' colour and size, then count, shape and position.
 """
 
 from __future__ import annotations
