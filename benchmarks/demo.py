@@ -65,7 +65,7 @@ def main() -> None:
                       "Whole runs in a fresh process (`python -m beit3cap.cli demo`), from interpreter start to "
                       "exit; 100 held-out test images; blind = the same model given one grey image for every "
                       "test image. The plans are deterministic: the same machine gives the same scores. Per-phase "
-                      "times and the experiments behind the recipe: docs/readme/demo.md.", "", *table])
+                      "times and the experiments behind the recipe: the README, section The demo.", "", *table])
     print(body)
     append_section("Demo (beit3cap demo)", body)
 

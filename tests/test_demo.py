@@ -19,7 +19,7 @@ from beit3cap.demo import (ATTRIBUTES, DEFAULT_PLAN, MARKER, QUICK_PLAN, attribu
 from beit3cap.demo.attributes import scene_truth
 
 # A model that ignores the pixels, or a broken pipeline, stays below these. Measured over seeds 42, 1, 2, 3
-# (docs/readme/demo.md): test CIDEr-D 1.00-1.14, image-blind baseline 0.64-0.74 (gain 0.30-0.50),
+# (the README, section The demo): test CIDEr-D 1.00-1.14, image-blind baseline 0.64-0.74 (gain 0.30-0.50),
 # background named right 100 % (blind 31-40 %), shape colour 43-52 % (blind: one colour, ~17 %).
 QUICK_MIN_CIDER = 0.85
 QUICK_MIN_GAIN_OVER_BLIND = 0.2

@@ -217,11 +217,11 @@ def test_seed_command_flags_parse(name, seed_world, tiny_vocab):
     assert cfg.enable_deepspeed == ("coco" in name and name.endswith("_train"))
 
 
-@pytest.mark.skipif(HAS_DEEPSPEED, reason="DeepSpeed is installed: the seed training commands run as they are")
 @pytest.mark.parametrize("name", ["coco_base_train", "coco_large_train"])
-def test_seed_deepspeed_commands_say_how_to_install_deepspeed(name, seed_world, tiny_vocab):
+def test_seed_deepspeed_commands_say_how_to_install_deepspeed(name, seed_world, tiny_vocab, monkeypatch):
     from beit3cap.train import main
 
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # `import deepspeed` now fails as if it were not installed
     argv = seed_argv(SEED_COMMANDS[name], seed_world["paths"], tiny_vocab)
     with pytest.raises(SystemExit) as err:
         main(argv[argv.index(str(SCRIPT)) + 1:])

@@ -392,7 +392,7 @@ def served_cli(checkpoint, spm_path):
 
 
 def _chrome(profile: Path):
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (dev extra)")
+    from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()

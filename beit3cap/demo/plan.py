@@ -1,6 +1,6 @@
 """What a demo run trains: data sizes and the training recipe, fixed plans and plans fitted to a budget.
 
-The recipe, found by experiment on the 2-core project machine (docs/readme/demo.md has the numbers):
+The recipe, found by experiment on the 2-core project machine (the numbers are in the README, section "The demo"):
 ``beit3_mini_patch16_64`` (128-dim, 4 layers, 16 image tokens) trained from scratch with batch 32, AdamW at
 lr 5e-4 after a 60-step warm-up, mask probability 0.6, 16 text tokens, no horizontal flip and no random
 crop (the captions say where the shapes are and how many there are). Higher or lower learning rates,
@@ -68,7 +68,7 @@ class DemoPlan:
         ]
 
 
-# Measured on the 2-core project machine (docs/readme/demo.md).
+# Measured on the 2-core project machine (the README, section The demo).
 DEFAULT_PLAN = DemoPlan("default", n_train=2000, n_val=100, n_test=100, epochs=6)
 # Too short for a decay to pay off: the learning rate stays at its peak after the warm-up.
 QUICK_PLAN = DemoPlan("quick", n_train=1088, n_val=50, n_test=100, epochs=2, min_lr=5e-4, n_examples=12)
