@@ -4,6 +4,7 @@ its tokenizer, and tiny model names."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +24,17 @@ def caption_corpus(n: int = 600, seed: int = 0) -> list[str]:
         out.append(f"{'A' if k == 1 else k} {size} {rng.choice(COLOURS)} {rng.choice(SHAPES)}"
                    f"{'' if k == 1 else 's'} {rng.choice(PLACES)} of the picture.")
     return out
+
+
+@pytest.fixture(scope="session")
+def coco_demo_results() -> Path:
+    """coco-caption's demo results file (1000 real COCO val2014 captions), from the project's shared/ folder,
+    which lies beside the checkout (as in CI)."""
+    path = (Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-caption-demo"
+            / "captions_val2014_fakecap_results.json")
+    if not path.is_file():
+        pytest.skip(f"{path} not found: these tests need the project's shared/ folder beside the checkout")
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,6 @@ needs_java = pytest.mark.skipif(shutil.which("java") is None,
                                 reason="java is not installed (apt-get install default-jre-headless)")
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_RESULTS = Path("/work/shared/data/coco-caption-demo/captions_val2014_fakecap_results.json")
 NATIVE = ("Bleu", "ROUGE_L", "CIDEr")
 WORDS = "a the dog cat man woman red blue bus car street grass sitting running on in near with".split()
 
@@ -202,16 +201,16 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 @needs_java
-def test_score_cli_on_the_coco_demo(tmp_path):
+def test_score_cli_on_the_coco_demo(tmp_path, coco_demo_results):
     gt = tmp_path / "captions_val2014.json"
     gt.write_bytes(zipfile.ZipFile(pycocoevalcap_dir() / "spice" / "spice-1.0.jar")
                    .read("coco/annotations/captions_val2014.json"))
     out, rows = tmp_path / "result.json", tmp_path / "per_image.jsonl"
 
-    refused = run_cli(str(DEMO_RESULTS), "--gt", str(gt), "--metrics", "CIDEr")
+    refused = run_cli(str(coco_demo_results), "--gt", str(gt), "--metrics", "CIDEr")
     assert refused.returncode == 2 and "39504 of 40504 ground-truth images have no prediction" in refused.stderr
 
-    done = run_cli(str(DEMO_RESULTS), "--gt", str(gt), "--metrics", "Bleu,ROUGE_L", "CIDEr", "--allow-partial",
+    done = run_cli(str(coco_demo_results), "--gt", str(gt), "--metrics", "Bleu,ROUGE_L", "CIDEr", "--allow-partial",
                    "--out", str(out), "--per-image", str(rows))
     assert done.returncode == 0, done.stderr
     assert "1000 images scored" in done.stdout and "CIDEr    0.5998" in done.stdout

@@ -25,7 +25,6 @@ from beit3cap.metrics.rouge import lcs_length
 needs_java = pytest.mark.skipif(shutil.which("java") is None,
                                 reason="java is not installed (apt-get install default-jre-headless)")
 
-DEMO_RESULTS = Path("/work/shared/data/coco-caption-demo/captions_val2014_fakecap_results.json")
 PUBLISHED = {"Bleu_1": 0.579, "Bleu_2": 0.404, "Bleu_3": 0.279, "Bleu_4": 0.191,
              "METEOR": 0.195, "ROUGE_L": 0.396, "CIDEr": 0.600}
 NATIVE = ("Bleu", "ROUGE_L", "CIDEr")
@@ -198,11 +197,11 @@ def test_spice_runner_reports_a_failing_jar(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def demo():
+def demo(coco_demo_results):
     """The coco-caption demo: 1000 captions and their MS-COCO val2014 references (inside the wheel)."""
     jar = pycocoevalcap_dir() / "spice" / "spice-1.0.jar"
     annotations = json.loads(zipfile.ZipFile(jar).read("coco/annotations/captions_val2014.json"))["annotations"]
-    res = {r["image_id"]: r["caption"] for r in json.loads(DEMO_RESULTS.read_text())}
+    res = {r["image_id"]: r["caption"] for r in json.loads(coco_demo_results.read_text())}
     gts: dict[int, list[str]] = {i: [] for i in res}
     for ann in annotations:
         if ann["image_id"] in gts:
