@@ -10,6 +10,17 @@ from pathlib import Path
 from typing import IO, Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates files readable by their owner only; a report, a checkpoint or an index file should get the
+# permissions an ordinary open() would give it (0644 under the usual umask 022).
+_FILE_MODE = 0o666 & ~_umask()
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], mode: str = "w") -> Path:
     """Call ``write(f)`` on a temporary file next to ``path``, fsync it, then rename it over ``path``."""
     path = Path(path)
@@ -19,6 +30,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], mode: str
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": "\n"})) as f:
             write(f)
             f.flush()
+            os.fchmod(f.fileno(), _FILE_MODE)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
