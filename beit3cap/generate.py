@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .model import BOS_ID, EOS_ID, BEiT3ForCaptioning, ImageKV, TextKVCache
+from .model import BOS_ID, EOS_ID, BEiT3ForCaptioning, DecodeCache, ImageKV
 
 TOPN_PER_BEAM = 3  # the official scan looks at 3 candidates per beam
 STRATEGIES = ("beam", "greedy", "sample")
@@ -39,16 +39,14 @@ class _Rows:
     """What travels with the images still being decoded (alive = their indices in the input batch)."""
 
     alive: torch.Tensor
-    image_kv: ImageKV
-    cache: TextKVCache
+    cache: DecodeCache
     words: torch.Tensor  # [rows, max words] words decoded so far, per row
 
     def keep(self, images: torch.Tensor, rows: torch.Tensor) -> None:
         """Keep these images (local indices) and these text rows (indices into the current rows)."""
         if images.numel() != self.alive.numel():
             self.alive = self.alive[images]
-            self.image_kv = [(k[images], v[images]) for k, v in self.image_kv]
-        self.cache.select_rows(rows)
+        self.cache.keep(images, rows)
         self.words = self.words[rows]
 
 
@@ -166,8 +164,7 @@ def _beam_search(model: BEiT3ForCaptioning, image_kv: ImageKV, beams: int, max_l
     vocab, n_cand = model.config.vocab_size, TOPN_PER_BEAM * beams
     stop_denominator = (max_len - 1) ** lp  # the official is_done divides by max_length ** lp, max_length = max_len - 1
     best = _Best.empty(n_images, max_len - 3, device)
-    rows = _Rows(torch.arange(n_images, device=device), image_kv,
-                 model.new_cache(n_images * beams, max_len, like=image_kv[0][0]),
+    rows = _Rows(torch.arange(n_images, device=device), model.new_cache(image_kv, beams, max_len),
                  torch.zeros(n_images * beams, max_len - 3, dtype=torch.long, device=device))
     beam_scores = torch.full((n_images, beams), -1e9, dtype=torch.float32, device=device)
     beam_scores[:, 0] = 0.0
@@ -191,7 +188,7 @@ def _beam_search(model: BEiT3ForCaptioning, image_kv: ImageKV, beams: int, max_l
                 if n_alive == 0:
                     break
 
-        logits = model.decode_step(rows.image_kv, _step_input(last_words, mask_token_id), rows.cache)
+        logits = model.decode_step(_step_input(last_words, mask_token_id), rows.cache)
         rows.cache.length -= 1  # forget the MASK slot
         scores = (_log_probs(logits, forbid) + beam_scores[:, None]).view(n_alive, beams * vocab)
         cand_scores, cand_ids = scores.topk(n_cand, dim=1, largest=True, sorted=True)
@@ -237,14 +234,13 @@ def _sample(model: BEiT3ForCaptioning, image_kv: ImageKV, max_len: int, lp: floa
             generator: torch.Generator | None) -> _Best:
     n_images, device = image_kv[0][0].shape[0], image_kv[0][0].device
     best = _Best.empty(n_images, max_len - 3, device)
-    rows = _Rows(torch.arange(n_images, device=device), image_kv,
-                 model.new_cache(n_images, max_len, like=image_kv[0][0]),
+    rows = _Rows(torch.arange(n_images, device=device), model.new_cache(image_kv, 1, max_len),
                  torch.zeros(n_images, max_len - 3, dtype=torch.long, device=device))
     sums = torch.zeros(n_images, dtype=torch.float32, device=device)
     last_words = torch.full((n_images,), BOS_ID, dtype=torch.long, device=device)
 
     for cur_len in range(2, max_len):
-        logits = model.decode_step(rows.image_kv, _step_input(last_words, mask_token_id), rows.cache)
+        logits = model.decode_step(_step_input(last_words, mask_token_id), rows.cache)
         rows.cache.length -= 1
         logp = _log_probs(logits, forbid)
         word = logp.argmax(1) if greedy else _draw(logits, forbid, top_k, top_p, temperature, generator)

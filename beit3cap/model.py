@@ -232,44 +232,34 @@ class EncoderLayer(nn.Module):
         f_txt = self.ffn.B(self.final_layer_norm.B(x_txt)) if x_txt is not None else None
         return _apply(x_img, f_img, scale), _apply(x_txt, f_txt, scale)
 
-    def image_kv_and_forward(self, x_img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Image stream only (inference): returns the next hidden state and this layer's image K, V."""
+    def image_stream(self, x_img: torch.Tensor, need_output: bool = True
+                     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """Image stream only (inference): this layer's image K, V [B, H, Ni, hd] and, if needed, the next
+        hidden state (the last layer's is never read when decoding text)."""
         attn = self.self_attn
-        q, k, v = attn.qkv(self.self_attn_layer_norm.A(x_img), "A")
-        x_img = x_img + attn.output(F.scaled_dot_product_attention(q, k, v), "A")
-        x_img = x_img + self.ffn.A(self.final_layer_norm.A(x_img))
-        return x_img, k, v
+        h = self.self_attn_layer_norm.A(x_img)
+        k, v = attn._heads(attn.k_proj.A(h)), attn._heads(attn.v_proj.A(h))
+        if not need_output:
+            return None, k, v
+        x_img = x_img + attn.output(F.scaled_dot_product_attention(attn._heads(attn.q_proj.A(h)), k, v), "A")
+        return x_img + self.ffn.A(self.final_layer_norm.A(x_img)), k, v
 
-    def decode(self, x_txt: torch.Tensor, image_k: torch.Tensor, image_v: torch.Tensor,
-               cache: "TextKVCache", layer: int, start: int) -> torch.Tensor:
+    def decode(self, x_txt: torch.Tensor, cache: "DecodeCache", layer: int, start: int,
+               mask: torch.Tensor) -> torch.Tensor:
         """Text stream for new tokens at text positions start..start+t-1 (inference).
 
-        x_txt [R, t, D] with R = B*K rows grouped by image (K beams each); image_k/v [B, H, Ni, hd] are
-        shared by the K rows of an image without being copied.
+        x_txt [R, t, D], R = B*K rows grouped by image (K beams each). One attention call per image covers
+        its image keys and the text keys of all its beams; ``mask`` [K*t, keys] keeps each beam to its own.
         """
         attn = self.self_attn
-        rows, t, _ = x_txt.shape
-        n_img = image_k.shape[0]
-        beams = rows // n_img
-        q, k_new, v_new = attn.qkv(self.self_attn_layer_norm.B(x_txt), "B")  # [R, H, t, hd]
-        k_txt, v_txt = cache.write(layer, start, k_new, v_new)  # [R, H, start+t, hd]
-        q = q * attn.head_dim**-0.5
-        h = attn.num_heads
-
-        def per_image(x: torch.Tensor) -> torch.Tensor:  # [R, H, t, *] -> [B, H, K*t, *]
-            return x.view(n_img, beams, h, t, -1).transpose(1, 2).reshape(n_img, h, beams * t, x.shape[-1])
-
-        def per_row(x: torch.Tensor) -> torch.Tensor:  # [B, H, K*t, *] -> [R, H, t, *]
-            return x.view(n_img, h, beams, t, -1).transpose(1, 2).reshape(rows, h, t, x.shape[-1])
-
-        s_img = per_row(per_image(q) @ image_k.transpose(-1, -2))  # [R, H, t, Ni]
-        s_txt = q @ k_txt.transpose(-1, -2)  # [R, H, t, start+t]
-        causal = torch.ones(t, start + t, dtype=torch.bool, device=q.device).tril(diagonal=start)
-        s_txt = s_txt.masked_fill(~causal, float("-inf"))
-        p = torch.softmax(torch.cat([s_img, s_txt], dim=-1).float(), dim=-1).type_as(q)
-        n_i = image_k.shape[2]
-        o = per_row(per_image(p[..., :n_i].contiguous()) @ image_v) + p[..., n_i:] @ v_txt
-        x_txt = x_txt + attn.output(o, "B")
+        rows, t, d = x_txt.shape
+        b, k, h = rows // cache.beams, cache.beams, attn.num_heads
+        x = self.self_attn_layer_norm.B(x_txt)
+        keys, values = cache.write(layer, start, attn.k_proj.B(x), attn.v_proj.B(x))  # [B, H, keys, hd]
+        q = attn.q_proj.B(x).view(b, k, t, h, -1).permute(0, 3, 1, 2, 4).reshape(b, h, k * t, -1)
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [B, H, K*t, hd]
+        o = o.view(b, h, k, t, -1).permute(0, 2, 3, 1, 4).reshape(rows, t, d)
+        x_txt = x_txt + attn.out_proj.B(attn.inner_attn_ln.B(o))
         return x_txt + self.ffn.B(self.final_layer_norm.B(x_txt))
 
 
@@ -388,29 +378,68 @@ def text_attention_mask(t: int, n_img: int, padding_mask: torch.Tensor | None, c
 # Captioning model
 
 
-class TextKVCache:
-    """Static per-layer keys/values of the text decoded so far: [R, H, max_len, hd] each."""
+ImageKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: image keys, values [B, H, Ni, hd]
 
-    def __init__(self, num_layers: int, rows: int, num_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
-        shape = (rows, num_heads, max_len, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+class DecodeCache:
+    """Per-layer keys and values of each image and of the text decoded so far by its K rows (beams).
+
+    keys[l], values[l]: [B, H, Ni + max_len*K, hd]. Slots 0..Ni-1 hold the image's keys (written once);
+    slot Ni + p*K + j holds text position p of beam j. The keys in use are then always the prefix
+    [:Ni + length*K], so one attention call per image serves all of its beams without copying the image
+    keys per beam.
+    """
+
+    def __init__(self, image_kv: ImageKV, beams: int, max_len: int) -> None:
+        k0 = image_kv[0][0]
+        self.images, heads, self.n_img, head_dim = k0.shape
+        self.beams = beams
+        shape = (self.images, heads, self.n_img + max_len * beams, head_dim)
+        self.keys, self.values = [], []
+        for k, v in image_kv:
+            for store, x in ((self.keys, k), (self.values, v)):
+                buf = x.new_empty(shape)
+                buf[:, :, :self.n_img] = x
+                store.append(buf)
         self.length = 0  # text positions held; decode_step appends, generation may shorten it
 
-    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
-        end = start + k.shape[2]
-        self.keys[layer][:, :, start:end] = k
-        self.values[layer][:, :, start:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+    def _text(self, buf: torch.Tensor, positions: int) -> torch.Tensor:  # -> [B, H, positions, K, hd] view
+        b, h, _, hd = buf.shape
+        return buf[:, :, self.n_img:self.n_img + positions * self.beams].view(b, h, positions, self.beams, hd)
 
-    def select_rows(self, rows: torch.Tensor) -> None:
-        """Keep/reorder rows (beam reordering, dropping finished images)."""
-        self.keys = [k.index_select(0, rows) for k in self.keys]
-        self.values = [v.index_select(0, rows) for v in self.values]
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new text keys/values k, v [R, t, H*hd] at positions start..start+t-1; return the keys and
+        values in use [B, H, Ni + (start+t)*K, hd]."""
+        t, end = k.shape[1], start + k.shape[1]
+        for buf, x in ((self.keys[layer], k), (self.values[layer], v)):
+            heads = buf.shape[1]
+            self._text(buf, end)[:, :, start:] = x.view(self.images, self.beams, t, heads, -1).permute(0, 3, 2, 1, 4)
+        n = self.n_img + end * self.beams
+        return self.keys[layer][:, :, :n], self.values[layer][:, :, :n]
 
+    def attention_mask(self, start: int, t: int, device: torch.device) -> torch.Tensor:
+        """bool [K*t, Ni + (start+t)*K]: query (beam i, token q) sees every image key and the text keys of
+        beam i at positions <= start+q."""
+        query = torch.arange(self.beams * t, device=device)
+        slot = torch.arange((start + t) * self.beams, device=device)
+        same_beam = (query // t)[:, None] == (slot % self.beams)[None]
+        causal = (slot // self.beams)[None] <= (start + query % t)[:, None]
+        image = torch.ones(self.beams * t, self.n_img, dtype=torch.bool, device=device)
+        return torch.cat([image, same_beam & causal], dim=1)
 
-ImageKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [B, H, Ni, hd]
+    def keep(self, images: torch.Tensor, rows: torch.Tensor) -> None:
+        """Keep these images (indices) and, for them, these text rows (indices into the current B*K rows,
+        each taken from a row of the image it lands on): beam reordering and finished images."""
+        n = self.length
+        for store in (self.keys, self.values):
+            for i, buf in enumerate(store):
+                _, h, _, hd = buf.shape
+                text = self._text(buf, n).permute(0, 3, 1, 2, 4).reshape(-1, h, n, hd).index_select(0, rows)
+                if images.numel() != self.images:
+                    buf = store[i] = buf.index_select(0, images)
+                self._text(buf, n).copy_(text.view(images.numel(), self.beams, h, n, hd).permute(0, 2, 3, 1, 4))
+        self.images = images.numel()
 
 
 class BEiT3ForCaptioning(nn.Module):
@@ -443,28 +472,27 @@ class BEiT3ForCaptioning(nn.Module):
     def encode_image(self, image: torch.Tensor) -> ImageKV:
         """Run the image stream once; returns every layer's image keys and values [B, H, Ni, hd]."""
         x = self.beit3.embed_image(image)
-        kv = []
-        for layer in self.beit3.encoder.layers:
-            x, k, v = layer.image_kv_and_forward(x)
-            kv.append((k.contiguous(), v.contiguous()))  # read at every decoding step: pay the copy once
+        kv, layers = [], self.beit3.encoder.layers
+        for i, layer in enumerate(layers):
+            x, k, v = layer.image_stream(x, need_output=i < len(layers) - 1)
+            kv.append((k, v))
         return kv
 
-    def new_cache(self, rows: int, max_len: int, like: torch.Tensor) -> TextKVCache:
-        cfg = self.config
-        return TextKVCache(cfg.depth, rows, cfg.num_heads, max_len, cfg.head_dim, like.dtype, like.device)
+    def new_cache(self, image_kv: ImageKV, beams: int, max_len: int) -> DecodeCache:
+        return DecodeCache(image_kv, beams, max_len)
 
     @torch.no_grad()
-    def decode_step(self, image_kv: ImageKV, text_ids: torch.Tensor, cache: TextKVCache) -> torch.Tensor:
+    def decode_step(self, text_ids: torch.Tensor, cache: DecodeCache) -> torch.Tensor:
         """Logits [R, V] for the last of ``text_ids`` [R, t], appended at text position ``cache.length``.
 
-        Rows are grouped by image: R = B * K where B is the batch of ``image_kv``.
+        Rows are grouped by image: R = B * K for the B images and K beams of ``cache``.
         """
-        start = cache.length
+        start, t = cache.length, text_ids.shape[1]
         x = self.beit3.embed_text(text_ids, start=start)
+        mask = cache.attention_mask(start, t, x.device)
         for i, layer in enumerate(self.beit3.encoder.layers):
-            k, v = image_kv[i]
-            x = layer.decode(x, k, v, cache, i, start)
-        cache.length = start + text_ids.shape[1]
+            x = layer.decode(x, cache, i, start, mask)
+        cache.length = start + t
         return self.mlm_head(self.beit3.encoder.layer_norm.B(x[:, -1]))
 
     # --- timm-style helpers -----------------------------------------------------------------------

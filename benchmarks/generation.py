@@ -215,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [("official scheme (torchscale backbone), fp32", t_ref, gflop_ref),
             ("ours, fp32", t_fp32, gflop_ours),
             ("ours, bf16 autocast", t_bf16, gflop_ours)]
-    table = ["| decoder | seconds | captions/s | speed-up | GFLOP | GFLOP/s |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    table = ["| decoder | seconds | captions/s | speed-up | GFLOP | GFLOP/s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
     table += [f"| {name} | {t:.1f} | {n / t:.3f} | {t_ref / t:.2f}x | {g:.1f} | {g / t:.1f} |" for name, t, g in rows]
     body = "\n".join([
         f"{machine_summary()} Load average when the run started: {load:.2f}.",

@@ -1,9 +1,9 @@
 """Forward+backward time and peak memory of the captioning model vs the torchscale-based reference.
 
 Same CPU, same random weights, base-224, batch 2, 32 text tokens (70 % masked), fp32 and bf16 autocast;
-plus one base-480 forward. Every variant runs in its own process so peak RSS is its own.
+plus one base-480 forward. Every variant runs in its own processes so peak RSS is its own.
 
-    .venv/bin/python benchmarks/train_step.py [--model beit3_base_patch16_224] [--repeats 5]
+    .venv/bin/python benchmarks/train_step.py [--model beit3_base_patch16_224] [--repeats 5] [--rounds 2]
 
 Prints a table and appends a section to BENCHMARKS.md.
 """
@@ -156,19 +156,19 @@ def main() -> None:
         })
         print(rows[-1], flush=True)
 
-    header = ("| case | reference GFLOP | ours GFLOP | reference s | ours s | speed-up | vs reference fp32 | reference GFLOP/s | ours GFLOP/s "
-              "| reference peak RSS MB | ours peak RSS MB |\n|---|---|---|---|---|---|---|---|---|---|---|")
-    lines = [header] + [
-        f"| {r['case']} | {r['ref_gflop']:.1f} | {r['ours_gflop']:.1f} | {r['ref_s']:.3f} | {r['ours_s']:.3f} | **{r['speedup']:.2f}x** | "
-        f"{r['vs_ref_fp32']:.2f}x | "
-        f"{r['ref_gflops']:.1f} | {r['ours_gflops']:.1f} | {r['ref_mb']:.0f} | {r['ours_mb']:.0f} |" for r in rows]
+    columns = ["case", "reference GFLOP", "ours GFLOP", "reference s", "ours s", "speed-up", "vs reference fp32",
+               "reference GFLOP/s", "ours GFLOP/s", "reference peak RSS MB", "ours peak RSS MB"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)] + [
+        f"| {r['case']} | {r['ref_gflop']:.1f} | {r['ours_gflop']:.1f} | {r['ref_s']:.3f} | {r['ours_s']:.3f} "
+        f"| **{r['speedup']:.2f}x** | {r['vs_ref_fp32']:.2f}x | {r['ref_gflops']:.1f} | {r['ours_gflops']:.1f} "
+        f"| {r['ref_mb']:.0f} | {r['ours_mb']:.0f} |" for r in rows]
     table = "\n".join(lines)
     print(table)
     if not a.no_write:
         body = (f"{machine_summary()} Load average when the run started: {load:.2f}. A 2048x2048 matrix product "
-                f"reaches {peaks['fp32']:.0f} GFLOP/s in fp32 and {peaks['bf16']:.0f} in bf16 here.\n\nCommand: `.venv/bin/python benchmarks/train_step.py --repeats {a.repeats} "
-                f"--rounds {a.rounds}` (batch {a.batch}, {a.text_len} text tokens, ~70 % masked; fastest of "
-                f"{a.repeats} steps after one warm-up, over {a.rounds} worker processes per variant run in "
+                f"reaches {peaks['fp32']:.0f} GFLOP/s in fp32 and {peaks['bf16']:.0f} in bf16 here.\n\n"
+                f"Command: `.venv/bin/python benchmarks/train_step.py --repeats {a.repeats} --rounds {a.rounds}` "
+                f"(batch {a.batch}, {a.text_len} text tokens, ~70 % masked; fastest of {a.repeats} steps after one warm-up, over {a.rounds} worker processes per variant run in "
                 "alternation; peak RSS of the largest worker; reference = torchscale 0.3.0 `BEiT3` + the spec's "
                 "captioning head and joint prefix-LM mask, same weights). GFLOP are counted on each model "
                 "(FlopCounterMode): ours skips the blocked image-to-text scores and the last layer's image "

@@ -165,13 +165,33 @@ def test_cached_decoding_equals_full_recompute():
     ids = torch.randint(4, 40, (b * k, steps))
     ids[:, 0] = 0
     full = model.caption_logits(image.repeat_interleave(k, 0), ids)
-    kv = model.encode_image(image)
-    cache = model.new_cache(b * k, steps + 1, image)
-    step_logits = [model.decode_step(kv, ids[:, :2], cache)]
+    cache = model.new_cache(model.encode_image(image), beams=k, max_len=steps + 1)
+    step_logits = [model.decode_step(ids[:, :2], cache)]
     for j in range(2, steps):
-        step_logits.append(model.decode_step(kv, ids[:, j:j + 1], cache))
+        step_logits.append(model.decode_step(ids[:, j:j + 1], cache))
     for j, logits in enumerate(step_logits, start=1):
         assert (logits - full[:, j]).abs().max() <= 1e-5
+
+
+def test_cache_keep_reorders_beams_and_drops_images_like_a_recompute():
+    """Beam reordering and finished images: after keep() the cached rows continue as if every row's
+    text had been recomputed from scratch with its new image."""
+    torch.manual_seed(1)
+    model = create_model("beit3_tiny_patch16_32", vocab_size=40).eval()
+    b, k, steps = 3, 2, 6
+    image = torch.randn(b, 3, 32, 32)
+    ids = torch.randint(4, 40, (b * k, steps))
+    ids[:, 0] = 0
+    cache = model.new_cache(model.encode_image(image), beams=k, max_len=steps + 1)
+    model.decode_step(ids[:, :3], cache)
+    images = torch.tensor([0, 2])  # image 1 finished
+    rows = torch.tensor([1, 1, 5, 4])  # image 0: both beams continue beam 1; image 2: beams swap
+    cache.keep(images, rows)
+    ids = ids[rows]
+    logits = [model.decode_step(ids[:, j:j + 1], cache) for j in range(3, steps)]
+    full = model.caption_logits(image[images].repeat_interleave(k, 0), ids)
+    for j, step in enumerate(logits, start=3):
+        assert (step - full[:, j]).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("name, n_keys, n_params", [
