@@ -169,8 +169,9 @@ def main() -> None:
                 f"reaches {peaks['fp32']:.0f} GFLOP/s in fp32 and {peaks['bf16']:.0f} in bf16 here.\n\n"
                 f"Command: `.venv/bin/python benchmarks/train_step.py --repeats {a.repeats} --rounds {a.rounds}` "
                 f"(batch {a.batch}, {a.text_len} text tokens, ~70 % masked; fastest of {a.repeats} steps after "
-                f"one warm-up, over {a.rounds} worker processes per variant run in alternation; peak RSS of the largest worker; reference = torchscale 0.3.0 `BEiT3` + the spec's "
-                "captioning head and joint prefix-LM mask, same weights). GFLOP are counted on each model "
+                f"one warm-up, over {a.rounds} worker processes per variant run in alternation; peak RSS of "
+                "the largest worker; reference = torchscale 0.3.0 `BEiT3` + the spec's captioning head and "
+                "joint prefix-LM mask, same weights). GFLOP are counted on each model "
                 "(FlopCounterMode): ours skips the blocked image-to-text scores and the last layer's image "
                 "stream.\n\n"
                 "Targets: fp32 >= 1.3x the reference with no more memory; bf16 >= 2x.\n\n" + table)
