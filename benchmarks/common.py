@@ -38,3 +38,16 @@ def append_section(title: str, body: str) -> None:
     section = f"{heading}\n\n{body.strip()}\n\n"
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section
     BENCHMARKS_MD.write_text(text)
+
+
+def flop_counter():
+    """torch's FlopCounterMode, also counting the CPU attention kernels (SDPA on the CPU), which its formula
+    table leaves out: without them our model's arithmetic would be undercounted next to a reference that
+    computes attention with plain matrix products."""
+    from torch.utils import flop_counter as fc
+    aten = __import__("torch").ops.aten
+    cpu = {aten._scaled_dot_product_flash_attention_for_cpu:
+           lambda q, k, v, *_, out_shape=None, **__: fc.sdpa_flop_count(q, k, v),
+           aten._scaled_dot_product_flash_attention_for_cpu_backward:
+           lambda grad, q, k, v, *_, out_shape=None, **__: fc.sdpa_backward_flop_count(grad, q, k, v)}
+    return fc.FlopCounterMode(display=False, custom_mapping=cpu)
