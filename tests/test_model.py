@@ -157,15 +157,21 @@ def test_base_224_matches_official_to_1e_4():
     assert diff <= 1e-4
 
 
-def test_cached_decoding_equals_full_recompute():
-    torch.manual_seed(0)
+def _decoding_case(seed: int, images: int, beams: int, steps: int):
+    """A tiny random model, images, BOS-led random text rows (beams rows per image) and an empty cache."""
+    torch.manual_seed(seed)
     model = create_model("beit3_tiny_patch16_32", vocab_size=40).eval()
-    b, k, steps = 2, 3, 7
-    image = torch.randn(b, 3, 32, 32)
-    ids = torch.randint(4, 40, (b * k, steps))
+    image = torch.randn(images, 3, 32, 32)
+    ids = torch.randint(4, 40, (images * beams, steps))
     ids[:, 0] = 0
+    return model, image, ids, model.new_cache(model.encode_image(image), beams=beams, max_len=steps + 1)
+
+
+def test_cached_decoding_equals_full_recompute():
+    k = 3
+    model, image, ids, cache = _decoding_case(seed=0, images=2, beams=k, steps=7)
+    steps = ids.shape[1]
     full = model.caption_logits(image.repeat_interleave(k, 0), ids)
-    cache = model.new_cache(model.encode_image(image), beams=k, max_len=steps + 1)
     step_logits = [model.decode_step(ids[:, :2], cache)]
     for j in range(2, steps):
         step_logits.append(model.decode_step(ids[:, j:j + 1], cache))
@@ -176,13 +182,9 @@ def test_cached_decoding_equals_full_recompute():
 def test_cache_keep_reorders_beams_and_drops_images_like_a_recompute():
     """Beam reordering and finished images: after keep() the cached rows continue as if every row's
     text had been recomputed from scratch with its new image."""
-    torch.manual_seed(1)
-    model = create_model("beit3_tiny_patch16_32", vocab_size=40).eval()
-    b, k, steps = 3, 2, 6
-    image = torch.randn(b, 3, 32, 32)
-    ids = torch.randint(4, 40, (b * k, steps))
-    ids[:, 0] = 0
-    cache = model.new_cache(model.encode_image(image), beams=k, max_len=steps + 1)
+    k = 2
+    model, image, ids, cache = _decoding_case(seed=1, images=3, beams=k, steps=6)
+    steps = ids.shape[1]
     model.decode_step(ids[:, :3], cache)
     images = torch.tensor([0, 2])  # image 1 finished
     rows = torch.tensor([1, 1, 5, 4])  # image 0: both beams continue beam 1; image 2: beams swap
