@@ -230,8 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
         *table,
         "",
-        f"The official scheme does {floor:.2f}x our arithmetic (FlopCounterMode, CPU attention included), so removing work alone gives "
-        f"{floor:.2f}x; ours in fp32 reaches {t_ref / t_fp32:.2f}x, {t_ref / t_fp32 / floor:.0%} of that ratio.",
+        f"The official scheme does {floor:.2f}x our arithmetic (FlopCounterMode, CPU attention included), so "
+        f"removing work alone gives {floor:.2f}x; ours in fp32 reaches {t_ref / t_fp32:.2f}x, "
+        f"{t_ref / t_fp32 / floor:.0%} of that ratio.",
         "",
         f"Ours (fp32) gives the same captions as the official scheme for {same} of {n} images; "
         f"bf16 autocast changes {changed} of {n} captions (vs ours fp32). {bf16_note()}",

@@ -170,9 +170,9 @@ def main() -> None:
                 f"(batch {a.batch}, {a.text_len} text tokens, ~70 % masked; fastest of {a.repeats} steps after "
                 f"one warm-up, over {a.rounds} worker processes per variant run in alternation; peak RSS of "
                 "the largest worker; reference = torchscale 0.3.0 `BEiT3` + the spec's captioning head and "
-                "joint prefix-LM mask, same weights). GFLOP are counted on each model "
-                "(FlopCounterMode, CPU attention kernels included): ours skips the blocked image-to-text scores and the last layer's image "
-                "stream.\n\n"
+                "joint prefix-LM mask, same weights). GFLOP are counted on each model (FlopCounterMode, CPU "
+                "attention kernels included): ours skips the blocked image-to-text scores and the last layer's "
+                "image stream.\n\n"
                 "Targets: fp32 >= 1.3x the reference with no more memory; bf16 >= 2x.\n\n" + table)
         append_section("Training step (model forward+backward)", body)
 
