@@ -17,7 +17,6 @@ COMMANDS: dict[str, str] = {
     "caption": "caption image files, folders or globs",
     "score": "score a prediction file (BLEU, METEOR, ROUGE-L, CIDEr-D, SPICE)",
     "serve": "web page and HTTP API that caption uploaded images",
-    "smoke": "build a tiny model, save/reload it in the official layout, caption a generated image",
 }
 
 
