@@ -45,7 +45,9 @@ def build_model(cfg: TrainConfig) -> BEiT3ForCaptioning:
 
 
 def index_path(cfg: TrainConfig, name: str) -> Path:
-    return Path(cfg.data_path) / name
+    """Absolute, so that the datasets (which read index files relative to --data_path) do not join a relative
+    --data_path twice."""
+    return (Path(cfg.data_path) / name).absolute()
 
 
 def require_index(cfg: TrainConfig, name: str, why: str) -> Path:

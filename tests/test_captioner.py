@@ -208,6 +208,20 @@ def test_cli_prints_captions_and_reports_errors(checkpoint, spm_path, image_dir,
     assert "no such file" in by_name["absent.jpg"]["error"] and "cannot read" in by_name["corrupt.jpg"]["error"]
 
 
+def test_cli_ends_quietly_when_the_reader_stops(checkpoint, spm_path, image_dir):
+    """`beit3cap caption dir | head -1`: the first caption arrives, then no traceback and no error message."""
+    proc = subprocess.Popen([sys.executable, "-m", "beit3cap", "caption", str(image_dir), "--checkpoint",
+                             str(checkpoint), "--sentencepiece_model", str(spm_path), "--batch_size", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    first = proc.stdout.readline()
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=300) == 1
+    assert "\t" in first
+    assert "Broken pipe" not in stderr and "Traceback" not in stderr
+
+
 def test_cli_bad_inputs_exit_2(checkpoint, spm_path, image_dir, tmp_path, capsys):
     run = _in_process(capsys, image_dir / "gray.png", "--checkpoint", tmp_path / "none.pth",
                       "--sentencepiece_model", spm_path)

@@ -201,6 +201,24 @@ def test_killed_runs_resume_to_the_same_losses_and_weights(tmp_path, spm_path, t
 
 # ------------------------------------------------------------------------------------------ evaluation
 
+def test_relative_data_and_output_paths(tmp_path, spm_path, tiny_vocab, data, tiny_ckpt, monkeypatch, capsys):
+    """--data_path and --output_dir relative to the working folder, as users type them: train one epoch with
+    validation, then --eval the checkpoint it wrote."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mydata").symlink_to(data)
+    data_rel = Path("mydata")
+    code, _, _ = run_here(tiny_flags(spm_path, tiny_vocab, data_rel, Path("run")) + [
+        "--finetune", str(tiny_ckpt), "--batch_size", "8", "--epochs", "1", "--num_max_bpe_tokens", "16"], capsys)
+    assert code == 0
+    assert prediction_ids(tmp_path / "run/submit_coco_captioning_val_e0.json") == index_ids(
+        data / "coco_captioning.val.jsonl")
+    code, _, _ = run_here(tiny_flags(spm_path, tiny_vocab, data_rel, Path("pred")) + [
+        "--finetune", "run/checkpoint-best.pth", "--eval", "--num_max_bpe_tokens", "16"], capsys)
+    assert code == 0
+    assert prediction_ids(tmp_path / "pred/submit_coco_captioning_test.json") == index_ids(
+        data / "coco_captioning.test.jsonl")
+
+
 def test_eval_captions_each_test_image_once_and_keeps_finetune(tmp_path, spm_path, tiny_vocab, data, tiny_ckpt,
                                                                capsys):
     """--eval needs only the test index; an explicit --finetune is used even when --output_dir holds a

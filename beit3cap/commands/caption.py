@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 from pathlib import Path
 
@@ -94,6 +95,9 @@ def main(argv: list[str]) -> int:
                 print(f"error: {r.error}", file=sys.stderr)
             elif output is None:
                 print(f"{r.source}\t{r.caption}", flush=True)
+    except BrokenPipeError:  # the reader stopped early (`beit3cap caption dir | head`): end quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        return 1
     except (OSError, ValueError) as e:  # unreadable checkpoint/tokenizer, mismatched sizes, bad options
         print(f"error: {e}", file=sys.stderr)
         return 2
