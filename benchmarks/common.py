@@ -11,20 +11,29 @@ from pathlib import Path
 BENCHMARKS_MD = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 
 
-def machine_summary() -> str:
-    """One sentence naming the CPU and its bf16 support: on AMX CPUs bf16 matrix products run several times
-    faster than fp32, without AMX (avx512_bf16 at most) slower, so the same benchmark can flip sign."""
-    import torch
-    cpu, flags = "unknown CPU", set()
+def _cpuinfo() -> tuple[str, set[str]]:
+    """The CPU's model name and feature flags (empty where /proc/cpuinfo cannot be read)."""
     try:
         info = Path("/proc/cpuinfo").read_text()
-        m = re.search(r"model name\s*:\s*(.+)", info)
-        cpu = m.group(1).strip() if m else cpu
-        m = re.search(r"^flags\s*:\s*(.+)$", info, re.M)
-        flags = set(m.group(1).split()) if m else flags
     except OSError:
-        pass
-    bf16 = "AMX" if "amx_bf16" in flags else ("avx512_bf16, no AMX" if "avx512_bf16" in flags else "no bf16 units")
+        return "unknown CPU", set()
+    name = re.search(r"model name\s*:\s*(.+)", info)
+    flags = re.search(r"^flags\s*:\s*(.+)$", info, re.M)
+    return (name.group(1).strip() if name else "unknown CPU"), (set(flags.group(1).split()) if flags else set())
+
+
+def bf16_units() -> str:
+    """On AMX CPUs bf16 matrix products run several times faster than fp32; without AMX (avx512_bf16 at
+    most) slower, so the same benchmark can flip sign from one machine to the next."""
+    flags = _cpuinfo()[1]
+    return "AMX" if "amx_bf16" in flags else ("avx512_bf16, no AMX" if "avx512_bf16" in flags else "no bf16 units")
+
+
+def machine_summary() -> str:
+    """One sentence naming the CPU (with its bf16 units), Python, torch and its threads, and the date."""
+    import torch
+    cpu = _cpuinfo()[0]
+    bf16 = bf16_units()
     return (f"Machine: {os.cpu_count()} cores ({cpu}; {bf16}), Python {platform.python_version()}, "
             f"torch {torch.__version__}, {torch.get_num_threads()} torch threads; measured "
             f"{_dt.date.today().isoformat()}.")

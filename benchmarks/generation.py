@@ -30,7 +30,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "tests"))
-from common import append_section, flop_counter, machine_summary  # noqa: E402
+from common import append_section, bf16_units, flop_counter, machine_summary  # noqa: E402
 
 from beit3cap.generate import generate  # noqa: E402
 from beit3cap.model import BOS_ID, EOS_ID, PAD_ID, create_model  # noqa: E402
@@ -144,11 +144,7 @@ def build(name: str):
 
 
 def bf16_note() -> str:
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return ""
-    if "amx_bf16" in flags:
+    if bf16_units() == "AMX":
         return "This CPU has AMX, so bf16 matrix products are fast."
     return ("This CPU has no AMX (avx512_bf16 at most): PyTorch's bf16 matrix products run at about half the "
             "fp32 speed here, so bf16 autocast cannot beat fp32 on it; on AMX CPUs and GPUs it does.")

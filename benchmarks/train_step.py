@@ -23,6 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_section, flop_counter, machine_summary  # noqa: E402
 
+from beit3cap.model import get_config  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -53,8 +55,7 @@ def _inputs(cfg, batch: int, text_len: int):
 def worker(impl: str, name: str, mode: str, precision: str, batch: int, text_len: int, repeats: int) -> dict:
     torch.set_num_threads(torch.get_num_threads())
     model = _build(impl, name)
-    cfg = model.config if impl == "ours" else _build("ours", name).config
-    image, ids, padding, masked = _inputs(cfg, batch, text_len)
+    image, ids, padding, masked = _inputs(get_config(name), batch, text_len)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
     model.train(mode == "fwd_bwd")
 
@@ -86,7 +87,7 @@ def peak_rss_mb() -> float:
 
 def count_flops(impl: str, name: str, mode: str, batch: int, text_len: int) -> float:
     model = _build(impl, name).train()
-    image, ids, padding, masked = _inputs(_build("ours", name).config, batch, text_len)
+    image, ids, padding, masked = _inputs(get_config(name), batch, text_len)
     with flop_counter() as counter:
         logits = model(image, ids, padding, masked)
         if mode == "fwd_bwd":
